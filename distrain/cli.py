@@ -1,0 +1,85 @@
+"""The ``distrain`` command: ``launch``, ``env``, ``ckpt``, ``report``. Thin: parse and dispatch.
+
+Bad input prints one line naming the value, what was expected and the fix, and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from distrain.errors import ConfigError
+from distrain.launch_args import OneLineParser, apply_env_defaults, build_launch_parser
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+SIGNAL_EXIT = {"SIGTERM": 143, "SIGINT": 130, "SIGHUP": 129, "SIGQUIT": 131}
+
+
+def _launch(argv: Sequence[str]) -> int:
+    from distrain.launch import config_from_args, launch
+
+    parser = build_launch_parser()
+    apply_env_defaults(parser, __import__("os").environ)
+    args = parser.parse_args(list(argv))
+    try:
+        config = config_from_args(args)
+    except ConfigError as error:
+        print(f"distrain launch: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    result = launch(config)
+    if result.ok:
+        return 0
+    print(result.summary(), file=sys.stderr, flush=True)
+    if result.signal:
+        return SIGNAL_EXIT.get(result.signal, EXIT_FAILED)
+    return EXIT_FAILED
+
+
+def _env(argv: Sequence[str]) -> int:
+    from distrain.envinfo import main as env_main
+
+    return env_main(argv)
+
+
+def _subcommand(module: str) -> Callable[[Sequence[str]], int]:
+    def run(argv: Sequence[str]) -> int:
+        import importlib
+
+        main: Callable[[Sequence[str]], int] = importlib.import_module(module).main
+        return main(argv)
+
+    return run
+
+
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "launch": (_launch, "start distributed workers (torchrun-compatible)"),
+    "env": (_env, "versions, devices and backends of this machine"),
+    "ckpt": (_subcommand("distrain.ckpt.cli"), "list, inspect, verify, export checkpoints"),
+    "report": (_subcommand("distrain.logging.report"), "draw a run's TensorBoard curves to PNG"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = OneLineParser(prog="distrain", description="Distributed PyTorch training.")
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND",
+                        help=", ".join(f"{k}: {v[1]}" for k, v in COMMANDS.items()))
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else EXIT_USAGE
+    if argv[0] not in COMMANDS:
+        parser.parse_args(argv[:1])  # exits 2 with a one-line error
+    handler = COMMANDS[argv[0]][0]
+    try:
+        return handler(argv[1:])
+    except ConfigError as error:
+        print(f"distrain {argv[0]}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return SIGNAL_EXIT["SIGINT"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,429 @@
+"""Launch a distributed job: ``LaunchConfig`` -> ``launch(config)`` -> ``RunResult``.
+
+The shape follows torchrun: the CLI parses flags (``distrain/launch_args.py``),
+:func:`config_from_args` validates them once into a typed :class:`LaunchConfig`, and
+:func:`launch` hands that to one launcher (``distrain/launchers/``) which returns a
+:class:`RunResult` keyed by rank. Python callers can skip the CLI::
+
+    from distrain.launch import run
+    outputs = run(train_fn, lr, nproc=2)             # {0: ..., 1: ...}
+    outputs = run(train_fn, lr, nproc=4, launcher="ray")
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distrain.errors import ConfigError, LaunchFailedError
+
+LAUNCHERS = ("local", "ray")
+RDZV_BACKENDS = ("static", "c10d")
+START_METHODS = ("spawn", "fork", "forkserver")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+_HOST_PORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+)(?::(?P<port>[^:]*))?$")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RayOptions:
+    """Options only the Ray launcher reads."""
+
+    address: str | None = None
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    placement_strategy: str = "PACK"
+    working_dir: str | None = None
+    pip: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LaunchConfig:
+    """Everything a launcher needs, validated. Build it with :func:`config_from_args` or directly.
+
+    ``entrypoint`` is a script path, a module name (``module=True``), an executable
+    (``no_python=True``) or a picklable callable (Python API).
+    """
+
+    entrypoint: str | Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    module: bool = False
+    no_python: bool = False
+    launcher: str = "local"
+    min_nodes: int = 1
+    max_nodes: int = 1
+    nproc_per_node: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+    rdzv_backend: str = "static"
+    rdzv_endpoint: str = ""
+    rdzv_id: str = "none"
+    rdzv_conf: Mapping[str, str] = field(default_factory=dict)
+    standalone: bool = False
+    max_restarts: int = 0
+    monitor_interval: float = 0.1
+    start_method: str = "spawn"
+    role: str = "default"
+    log_dir: str | None = None
+    redirects: str = "0"
+    tee: str = "0"
+    local_ranks_filter: frozenset[int] | None = None
+    local_addr: str | None = None
+    term_timeout: float = 30.0
+    ray: RayOptions = field(default_factory=RayOptions)
+
+    @property
+    def world_size(self) -> int:
+        return self.max_nodes * self.nproc_per_node
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RankFailure:
+    """Why one rank failed."""
+
+    rank: int
+    local_rank: int
+    exitcode: int
+    signal: str | None
+    node: str
+    log_tail: str
+    teardown_abort: bool = False
+
+    def describe(self) -> str:
+        how = f"killed by {self.signal}" if self.signal else f"exit code {self.exitcode}"
+        head = f"rank {self.rank} (local rank {self.local_rank} on {self.node}) failed: {how}"
+        if self.teardown_abort:
+            head += (
+                "\n  This is the gloo teardown abort: the script finished, then the process "
+                "aborted at interpreter exit because a DDP/FSDP wrapper outlived the process "
+                "group. Fix: call distrain.ddp.cleanup() at the end of the script (or `del model`"
+                " before dist.destroy_process_group()); see README 'Troubleshooting'."
+            )
+        if self.log_tail:
+            tail = "\n".join("    " + line for line in self.log_tail.rstrip().splitlines())
+            head += f"\n  last lines of its output:\n{tail}"
+        return head
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunResult:
+    """The outcome of a launch: return values (functions) or exit codes, keyed by global rank."""
+
+    return_values: Mapping[int, Any]
+    failures: tuple[RankFailure, ...] = ()
+    signal: str | None = None
+    restarts: int = 0
+    log_dir: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and self.signal is None
+
+    @property
+    def returncodes(self) -> dict[int, int]:
+        codes = dict.fromkeys(self.return_values, 0)
+        codes.update({f.rank: f.exitcode for f in self.failures})
+        return codes
+
+    def summary(self) -> str:
+        if self.signal:
+            return f"distrain: stopped by {self.signal}; workers were asked to stop first."
+        if not self.failures:
+            return f"distrain: all {len(self.return_values)} local ranks finished successfully."
+        lines = [f"distrain: the job failed ({len(self.failures)} rank(s)):"]
+        lines += [f.describe() for f in self.failures]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: everything the user typed is checked here, once.
+# --------------------------------------------------------------------------------------------
+
+
+def parse_nnodes(text: str) -> tuple[int, int]:
+    """``"N"`` or ``"MIN:MAX"`` -> (min, max)."""
+    parts = text.split(":")
+    fix = "use --nnodes N or --nnodes MIN:MAX, e.g. --nnodes 2 or --nnodes 1:4"
+    if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError("--nnodes", text, "N or MIN:MAX with positive integers", fix)
+    low, high = int(parts[0]), int(parts[-1])
+    if low < 1 or high < low:
+        raise ConfigError("--nnodes", text, "1 <= MIN <= MAX", fix)
+    return low, high
+
+
+def parse_nproc_per_node(text: str, *, cuda_count: int, cpu_count: int) -> int:
+    """torchrun's ``--nproc-per-node``: an integer, ``auto``, ``cpu`` or ``gpu``."""
+    fix = "pass a positive integer, or auto|cpu|gpu"
+    if text == "cpu":
+        return cpu_count
+    if text == "auto":
+        return cuda_count if cuda_count > 0 else cpu_count
+    if text == "gpu":
+        if cuda_count == 0:
+            raise ConfigError(
+                "--nproc-per-node", text, "a machine with CUDA GPUs", "use cpu, auto or a number"
+            )
+        return cuda_count
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError("--nproc-per-node", text, "an integer or auto|cpu|gpu", fix) from None
+    if value < 1:
+        raise ConfigError("--nproc-per-node", text, "at least 1", fix)
+    return value
+
+
+def parse_port(text: str | int | None, flag: str) -> int | None:
+    if text is None or text == "":
+        return None
+    try:
+        port = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(flag, text, "a port number 1-65535", f"fix {flag}") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(flag, port, "a port number 1-65535", f"pick a port in 1-65535 for {flag}")
+    return port
+
+
+def parse_endpoint(text: str) -> tuple[str, int | None]:
+    """``HOST[:PORT]`` -> (host, port or None); ``PORT`` 0 means "pick a free one"."""
+    match = _HOST_PORT.match(text.strip())
+    fix = "use HOST:PORT, e.g. --rdzv-endpoint 127.0.0.1:29400"
+    if not match:
+        raise ConfigError("--rdzv-endpoint", text, "HOST:PORT", fix)
+    port_text = match.group("port")
+    if port_text is None:
+        return match.group("host"), None
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError("--rdzv-endpoint", text, "HOST:PORT with a port 0-65535", fix)
+    return match.group("host"), int(port_text)
+
+
+def parse_rdzv_conf(text: str) -> dict[str, str]:
+    """``key1=v1,key2=v2`` -> dict."""
+    conf: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(
+                "--rdzv-conf", text, "KEY=VALUE pairs separated by commas", "e.g. timeout=900"
+            )
+        conf[key] = value
+    return conf
+
+
+def parse_std(text: str, flag: str, nproc: int) -> str:
+    """``--redirects`` / ``--tee``: 0-3 for all ranks, or ``LOCAL_RANK:0-3,...``."""
+    fix = f"use 0 (none), 1 (stdout), 2 (stderr) or 3 (both), e.g. {flag} 3 or {flag} 0:3,1:1"
+    items = [text] if ":" not in text else text.split(",")
+    for item in items:
+        rank_text, _, value = item.rpartition(":")
+        if value not in ("0", "1", "2", "3"):
+            raise ConfigError(flag, text, "0, 1, 2, 3 or LOCAL_RANK:VALUE pairs", fix)
+        if rank_text and (not rank_text.isdigit() or int(rank_text) >= nproc):
+            raise ConfigError(flag, text, f"local ranks below {nproc}", fix)
+    return text
+
+
+def parse_ranks_filter(text: str, nproc: int) -> frozenset[int] | None:
+    if not text:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    fix = f"use comma-separated local ranks below {nproc}, e.g. --local-ranks-filter 0"
+    if not all(p.isdigit() for p in parts):
+        raise ConfigError("--local-ranks-filter", text, "comma-separated integers", fix)
+    ranks = frozenset(int(p) for p in parts)
+    if max(ranks) >= nproc:
+        raise ConfigError("--local-ranks-filter", text, f"local ranks below {nproc}", fix)
+    return ranks
+
+
+def check_entrypoint(script: str | None, *, module: bool, no_python: bool) -> str:
+    if not script:
+        raise ConfigError(
+            "script", script, "a training script (or -m module)", "e.g. distrain launch train.py"
+        )
+    if module and no_python:
+        raise ConfigError("-m/--no-python", script, "one of them", "drop --no-python or -m")
+    if module:
+        try:
+            found = importlib.util.find_spec(script) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ConfigError(
+                "-m", script, "an importable module", "check the name and that it is on PYTHONPATH"
+            )
+        return script
+    if no_python:
+        return script
+    path = Path(script)
+    if not path.exists():
+        raise ConfigError("script", script, "an existing file", "check the path")
+    if path.is_dir():
+        raise ConfigError("script", script, "a Python file, not a directory", "name the .py file")
+    return script
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def config_from_args(args: argparse.Namespace) -> LaunchConfig:
+    """Validate parsed CLI flags into a :class:`LaunchConfig`. Raises :class:`ConfigError`."""
+    if args.launcher not in LAUNCHERS:
+        raise ConfigError("--launcher", args.launcher, " or ".join(LAUNCHERS), "use --launcher local")
+    min_nodes, max_nodes = parse_nnodes(str(args.nnodes))
+    nproc = parse_nproc_per_node(
+        str(args.nproc_per_node), cuda_count=_cuda_count(), cpu_count=os.cpu_count() or 1
+    )
+    if args.rdzv_backend not in RDZV_BACKENDS:
+        raise ConfigError(
+            "--rdzv-backend", args.rdzv_backend, "static or c10d", "use --rdzv-backend c10d"
+        )
+    if args.start_method not in START_METHODS:
+        raise ConfigError(
+            "--start-method", args.start_method, "|".join(START_METHODS), "use --start-method spawn"
+        )
+    if not 0 <= args.node_rank < max_nodes:
+        raise ConfigError(
+            "--node-rank", args.node_rank, f"0 .. {max_nodes - 1} (--nnodes {args.nnodes})",
+            "give each node a distinct rank below --nnodes",
+        )
+    if args.max_restarts < 0:
+        raise ConfigError("--max-restarts", args.max_restarts, ">= 0", "use 0 to never restart")
+    if args.monitor_interval <= 0:
+        raise ConfigError("--monitor-interval", args.monitor_interval, "> 0 seconds", "e.g. 0.1")
+    if args.term_timeout < 0:
+        raise ConfigError("--term-timeout", args.term_timeout, ">= 0 seconds", "e.g. 30")
+    if not args.master_addr:
+        raise ConfigError("--master-addr", args.master_addr, "a host name or IP", "e.g. 127.0.0.1")
+    master_port = parse_port(args.master_port, "--master-port")
+    endpoint = args.rdzv_endpoint or ""
+    if endpoint:
+        parse_endpoint(endpoint)
+    if args.standalone and max_nodes > 1:
+        raise ConfigError(
+            "--standalone", "set", "a single node (--nnodes 1)", "drop --standalone for multi-node"
+        )
+    if max_nodes > 1 and args.rdzv_backend == "static" and not endpoint and master_port is None:
+        raise ConfigError(
+            "--master-port", None, "a port every node agrees on when --nnodes > 1",
+            "pass the same --master-port (and --master-addr of node 0) to every node",
+        )
+    if max_nodes > 1 and args.rdzv_backend == "c10d" and not endpoint:
+        raise ConfigError(
+            "--rdzv-endpoint", "", "HOST:PORT that every node can reach with c10d",
+            "pass --rdzv-endpoint NODE0_HOST:PORT to every node",
+        )
+    if args.rdzv_backend == "static" and min_nodes != max_nodes:
+        raise ConfigError(
+            "--nnodes", args.nnodes, "a fixed N with static rendezvous",
+            "use --rdzv-backend c10d for elastic MIN:MAX",
+        )
+    if args.log_dir and Path(args.log_dir).exists() and not Path(args.log_dir).is_dir():
+        raise ConfigError("--log-dir", args.log_dir, "a directory", "pick a directory path")
+    if args.launcher == "ray" and args.ray_address == "":
+        raise ConfigError("--address", "", "auto, HOST:PORT or ray://HOST:PORT", "or omit it")
+    if args.placement_strategy not in PLACEMENT_STRATEGIES:
+        raise ConfigError(
+            "--placement-strategy", args.placement_strategy, "|".join(PLACEMENT_STRATEGIES),
+            "use PACK (default) or SPREAD",
+        )
+    if args.num_workers is not None:
+        if args.num_workers < 1:
+            raise ConfigError("--num-workers", args.num_workers, ">= 1", "e.g. --num-workers 4")
+    for flag, value in (("--cpus-per-worker", args.cpus_per_worker),
+                        ("--gpus-per-worker", args.gpus_per_worker)):
+        if value < 0:
+            raise ConfigError(flag, value, ">= 0", f"fix {flag}")
+    script = check_entrypoint(args.training_script, module=args.module, no_python=args.no_python)
+    if args.num_workers is not None:  # Ray's spelling: N workers in all, one "node" per worker
+        min_nodes, max_nodes, nproc = 1, 1, args.num_workers
+    return LaunchConfig(
+        entrypoint=script,
+        args=tuple(args.training_script_args),
+        module=args.module,
+        no_python=args.no_python,
+        launcher=args.launcher,
+        min_nodes=min_nodes,
+        max_nodes=max_nodes,
+        nproc_per_node=nproc,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=master_port,
+        rdzv_backend=args.rdzv_backend,
+        rdzv_endpoint=endpoint,
+        rdzv_id=args.rdzv_id,
+        rdzv_conf=parse_rdzv_conf(args.rdzv_conf),
+        standalone=args.standalone,
+        max_restarts=args.max_restarts,
+        monitor_interval=args.monitor_interval,
+        start_method=args.start_method,
+        role=args.role,
+        log_dir=args.log_dir,
+        redirects=parse_std(args.redirects, "--redirects", nproc),
+        tee=parse_std(args.tee, "--tee", nproc),
+        local_ranks_filter=parse_ranks_filter(args.local_ranks_filter, nproc),
+        local_addr=args.local_addr,
+        term_timeout=args.term_timeout,
+        ray=RayOptions(
+            address=args.ray_address,
+            cpus_per_worker=args.cpus_per_worker,
+            gpus_per_worker=args.gpus_per_worker,
+            placement_strategy=args.placement_strategy,
+            working_dir=args.working_dir,
+            pip=tuple(args.pip),
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def launch(config: LaunchConfig) -> RunResult:
+    """Start the workers described by ``config`` and wait for them."""
+    if config.launcher == "ray":
+        from distrain.launchers.ray import RayLauncher
+
+        return RayLauncher().launch(config)
+    from distrain.launchers.local import LocalLauncher
+
+    return LocalLauncher().launch(config)
+
+
+def run(
+    fn: Callable[..., Any],
+    *args: Any,
+    nproc: int = 2,
+    launcher: str = "local",
+    **options: Any,
+) -> dict[int, Any]:
+    """Run ``fn(*args)`` on ``nproc`` ranks and return ``{rank: return value}``.
+
+    ``fn`` must be picklable (defined at module level). ``options`` are any other
+    :class:`LaunchConfig` fields (``max_restarts=1``, ``log_dir=...``). Raises
+    :class:`~distrain.errors.LaunchFailedError` with the failure summary if a rank fails.
+    """
+    if launcher not in LAUNCHERS:
+        raise ConfigError("launcher", launcher, " or ".join(LAUNCHERS), 'use launcher="local"')
+    if nproc < 1:
+        raise ConfigError("nproc", nproc, "at least 1", "e.g. nproc=2")
+    config = LaunchConfig(
+        entrypoint=fn, args=args, nproc_per_node=nproc, launcher=launcher, **options
+    )
+    result = launch(config)
+    if not result.ok:
+        raise LaunchFailedError(result.summary())
+    return dict(result.return_values)

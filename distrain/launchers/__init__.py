@@ -1,0 +1,5 @@
+"""One module per way of starting workers; each implements :class:`Launcher`."""
+
+from distrain.launchers.base import Launcher
+
+__all__ = ["Launcher"]

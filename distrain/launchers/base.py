@@ -1,0 +1,36 @@
+"""The launcher interface: one method, ``launch(config) -> RunResult``."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from distrain.launch import LaunchConfig, RunResult
+
+TEARDOWN_ABORT_LINE = "terminate called without an active exception"
+_TRACEBACK = re.compile(r"^Traceback \(most recent call last\):", re.MULTILINE)
+SIGABRT_EXIT = -6
+
+
+class Launcher(ABC):
+    """Starts the workers of one job and waits for them."""
+
+    @abstractmethod
+    def launch(self, config: LaunchConfig) -> RunResult:
+        """Run the job described by ``config``; never leaves a worker process behind."""
+
+
+def is_teardown_abort(exitcode: int, signal_name: str | None, log_tail: str) -> bool:
+    """The gloo teardown abort: SIGABRT with C++'s terminate message and no Python traceback.
+
+    A script that raised shows a traceback; one that returned and then aborted during
+    interpreter finalization shows only the terminate line. The run still counts as failed.
+    """
+    aborted = exitcode == SIGABRT_EXIT or signal_name == "SIGABRT"
+    return aborted and TEARDOWN_ABORT_LINE in log_tail and not _TRACEBACK.search(log_tail)
+
+
+def tail_text(text: str, lines: int = 20) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])

@@ -1,0 +1,181 @@
+"""The local launcher: torchrun's own agent (``torch.distributed.elastic``), with better defaults.
+
+What it adds to ``torchrun``, all on top of ``elastic_launch``:
+
+* a free port on every single-node launch (a private c10d store on ``localhost:0``, as
+  ``torchrun --standalone`` does), so two jobs on one machine never collide;
+* console lines prefixed ``[rankN]:`` and per-rank log files kept for the failure summary;
+* a failure summary naming each failed rank, its exit code or signal and its last log lines,
+  recognising the gloo teardown abort;
+* a grace period (``--term-timeout``) between forwarding SIGTERM/SIGINT and killing workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal as signal_module
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from distrain.env import default_omp_num_threads
+from distrain.launchers.base import Launcher, is_teardown_abort, tail_text
+
+if TYPE_CHECKING:
+    from distrain.launch import LaunchConfig, RankFailure, RunResult
+
+RANK_PREFIX = "[rank${rank}]:"
+
+
+def rendezvous(config: LaunchConfig) -> tuple[str, str, str, dict[str, Any]]:
+    """(backend, endpoint, run id, configs) for the agent: torchrun's rules, free port default."""
+    conf: dict[str, Any] = dict(config.rdzv_conf)
+    single_node_auto = (
+        config.rdzv_backend == "static"
+        and not config.rdzv_endpoint
+        and config.master_port is None
+        and config.max_nodes == 1
+    )
+    if config.standalone or single_node_auto:
+        return "c10d", "localhost:0", uuid.uuid4().hex, conf
+    if config.rdzv_backend == "static":
+        conf["rank"] = config.node_rank
+        endpoint = config.rdzv_endpoint or f"{config.master_addr}:{config.master_port}"
+        return "static", endpoint, config.rdzv_id, conf
+    return config.rdzv_backend, config.rdzv_endpoint, config.rdzv_id, conf
+
+
+def worker_command(config: LaunchConfig) -> tuple[str | Callable[..., Any], list[Any]]:
+    """The entrypoint and argument list handed to ``elastic_launch`` (torchrun's rules)."""
+    if callable(config.entrypoint):
+        return run_function, [config.entrypoint, *config.args]
+    script = str(config.entrypoint)
+    if config.no_python:
+        return script, list(config.args)
+    prefix = ["-u", "-m", script] if config.module else ["-u", script]
+    return os.getenv("PYTHON_EXEC", sys.executable), [*prefix, *config.args]
+
+
+def run_function(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a Python-API function in a worker, then leave nothing for finalization to abort on."""
+    try:
+        return fn(*args)
+    finally:
+        from distrain import ddp
+
+        ddp.cleanup()
+
+
+def std_settings(config: LaunchConfig) -> tuple[str, str]:
+    """(redirects, tee): by default every stream goes to a file *and* the console, prefixed."""
+    if config.redirects == "0" and config.tee == "0":
+        return "0", "3"
+    return config.redirects, config.tee
+
+
+@contextlib.contextmanager
+def omp_threads(nproc_per_node: int) -> Iterator[None]:
+    """torchrun's OMP_NUM_THREADS=1 default for the duration of the launch."""
+    value = default_omp_num_threads(nproc_per_node)
+    previous = os.environ.get("OMP_NUM_THREADS")
+    if value is not None:
+        os.environ["OMP_NUM_THREADS"] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = previous
+
+
+class LocalLauncher(Launcher):
+    """Starts ``nproc_per_node`` workers on this node through ``torch.distributed.elastic``."""
+
+    def launch(self, config: LaunchConfig) -> RunResult:
+        from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.launcher.api import LaunchConfig as TorchLaunchConfig
+        from torch.distributed.launcher.api import elastic_launch
+
+        from distrain.launch import RunResult
+
+        own_log_dir = config.log_dir is None
+        log_root = config.log_dir or tempfile.mkdtemp(prefix="distrain-logs-")
+        redirects, tee = std_settings(config)
+        backend, endpoint, run_id, conf = rendezvous(config)
+        torch_config = TorchLaunchConfig(
+            min_nodes=config.min_nodes,
+            max_nodes=config.max_nodes,
+            nproc_per_node=config.nproc_per_node,
+            run_id=run_id,
+            role=config.role,
+            rdzv_endpoint=endpoint,
+            rdzv_backend=backend,
+            rdzv_configs=conf,
+            max_restarts=config.max_restarts,
+            monitor_interval=config.monitor_interval,
+            start_method=config.start_method,
+            log_line_prefix_template=RANK_PREFIX,
+            local_addr=config.local_addr,
+            logs_specs=DefaultLogsSpecs(
+                log_dir=log_root,
+                redirects=Std.from_str(redirects),
+                tee=Std.from_str(tee),
+                local_ranks_filter=set(config.local_ranks_filter)
+                if config.local_ranks_filter else None,
+            ),
+            shutdown_timeout=int(round(config.term_timeout)),
+        )
+        entrypoint, args = worker_command(config)
+        try:
+            with omp_threads(config.nproc_per_node):
+                outputs = elastic_launch(torch_config, entrypoint)(*args)
+            values = {rank: value for rank, value in (outputs or {}).items()}
+            if not values:
+                first = config.node_rank * config.nproc_per_node
+                values = dict.fromkeys(range(first, first + config.nproc_per_node))
+            return RunResult(return_values=values, log_dir=None if own_log_dir else log_root)
+        except ChildFailedError as error:
+            failures = tuple(
+                _describe_failure(rank, failure) for rank, failure in sorted(error.failures.items())
+            )
+            return RunResult(return_values={}, failures=failures,
+                             log_dir=None if own_log_dir else log_root)
+        except SignalException as error:
+            return RunResult(return_values={}, signal=signal_module.Signals(error.sigval).name,
+                             log_dir=None if own_log_dir else log_root)
+        finally:
+            if own_log_dir:
+                shutil.rmtree(log_root, ignore_errors=True)
+
+
+def _describe_failure(rank: int, failure: Any) -> RankFailure:
+    from distrain.launch import RankFailure
+
+    signal_name = failure.signal_name() if failure.exitcode < 0 else None
+    if signal_name == "<N/A>":
+        signal_name = None
+    log_tail = ""
+    if failure.error_file:
+        stderr = Path(failure.error_file).parent / "stderr.log"
+        with contextlib.suppress(OSError):
+            log_tail = tail_text(stderr.read_text(errors="replace"))
+    message = failure.message if isinstance(failure.message, str) else ""
+    if not log_tail and message and not message.startswith(("Signal", "To enable traceback")):
+        log_tail = tail_text(message)
+    return RankFailure(
+        rank=rank,
+        local_rank=failure.local_rank,
+        exitcode=failure.exitcode,
+        signal=signal_name,
+        node=os.uname().nodename,
+        log_tail=log_tail,
+        teardown_abort=is_teardown_abort(failure.exitcode, signal_name, log_tail),
+    )

@@ -1,0 +1,135 @@
+"""Model wrapping: which parallel wrapper to use (a pure decision), applying it, undoing it.
+
+=================  ==========================================================================
+strategy           result
+=================  ==========================================================================
+``auto``           DDP when world_size > 1; DataParallel when one process sees > 1 GPU; plain
+``ddp``            DistributedDataParallel (needs a process group)
+``dp``             DataParallel over the visible GPUs (plain module on CPU, with a note)
+``fsdp``           FSDP2 ``fully_shard`` per block, then the root (:mod:`distrain.fsdp`)
+``none``           the module on the device, unwrapped
+=================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from distrain.ddp import Context
+
+log = logging.getLogger("distrain")
+STRATEGIES = ("auto", "ddp", "dp", "fsdp", "none")
+
+# Wrappers that hold the process group; released by cleanup() before the group is destroyed.
+_live_wrappers: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def choose_strategy(
+    requested: str, *, world_size: int, visible_gpus: int, has_process_group: bool
+) -> tuple[str, str]:
+    """(strategy, reason). Pure: the whole decision table is tested on CPU."""
+    if requested not in STRATEGIES:
+        raise ConfigError("strategy", requested, " | ".join(STRATEGIES), 'use strategy="auto"')
+    if requested in ("ddp", "fsdp") and not has_process_group:
+        raise ConfigError(
+            "strategy", requested, "a process group (a launched job)",
+            "start the script with distrain launch / torchrun, or use strategy='auto'",
+        )
+    if requested == "dp" and visible_gpus < 1:
+        return "none", "DataParallel asked for but no GPU is visible: plain module on CPU"
+    if requested != "auto":
+        return requested, f"strategy={requested!r} asked for"
+    if world_size > 1:
+        return "ddp", f"{world_size} processes: DistributedDataParallel"
+    if visible_gpus > 1:
+        return "dp", f"one process sees {visible_gpus} GPUs: DataParallel fallback"
+    return "none", "one process, at most one device: plain module"
+
+
+def wrap(
+    model: nn.Module,
+    ctx: Context,
+    strategy: str = "auto",
+    *,
+    sync_batchnorm: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
+    """Move ``model`` to ``ctx.device`` and wrap it as :func:`choose_strategy` decides.
+
+    ``kwargs`` go to the wrapper: ``find_unused_parameters``, ``gradient_as_bucket_view``,
+    ``static_graph`` for DDP; ``blocks``, ``min_block_params``, ``mixed_precision``,
+    ``reshard_after_forward`` for FSDP.
+    """
+    visible = torch.cuda.device_count() if ctx.device.type == "cuda" else 0
+    chosen, reason = choose_strategy(
+        strategy, world_size=ctx.world_size, visible_gpus=visible, has_process_group=ctx.distributed
+    )
+    if ctx.is_main:
+        log.info("distrain.wrap: %s (%s)", chosen, reason)
+    if chosen == "fsdp":
+        from distrain.fsdp import shard_model
+
+        sharded = shard_model(model, ctx, **kwargs)
+        _live_wrappers.add(sharded)
+        return sharded
+    unknown = set(kwargs) - {"find_unused_parameters", "gradient_as_bucket_view", "static_graph",
+                             "broadcast_buffers", "bucket_cap_mb", "output_device"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ConfigError(
+            "wrap keyword", name, "a DistributedDataParallel option",
+            "see torch.nn.parallel.DistributedDataParallel for the accepted keywords",
+        )
+    if sync_batchnorm and chosen == "ddp":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(ctx.device)
+    if chosen == "ddp":
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        wrapped: nn.Module = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **kwargs)
+        _live_wrappers.add(wrapped)
+        return wrapped
+    if chosen == "dp":
+        return nn.DataParallel(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DDP / DataParallel / torch.compile (FSDP2 modules are their own)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def release_wrapper() -> None:
+    """Drop every reference a live DDP wrapper holds to the process group.
+
+    The DDP ``Reducer`` (C++) owns the process group and autograd hooks; left alive it is
+    destroyed during interpreter finalization, which is what aborts. Deleting it here runs its
+    destructor now, on the main thread, while the group still exists. The wrapper object the
+    user holds stays valid as a container (``.module``) but can no longer run forward.
+    """
+    for wrapper in list(_live_wrappers):
+        if isinstance(wrapper, nn.parallel.DistributedDataParallel):
+            for name in ("reducer", "logger", "_comm_hooks", "process_group", "_delay_all_reduce_params"):
+                if name in wrapper.__dict__:
+                    del wrapper.__dict__[name]
+        else:
+            from distrain.fsdp import release_fsdp
+
+            release_fsdp(wrapper)
+    _live_wrappers.clear()
+    if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
+        torch.cuda.synchronize()
