@@ -5,7 +5,6 @@ Bad input prints one line naming the value, what was expected and the fix, and e
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable, Sequence
 

@@ -21,6 +21,7 @@ synchronises ranks and destroys the group, so nothing is left for finalization.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import logging
 import os
@@ -207,10 +208,9 @@ def cleanup() -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     if sys.exc_info()[0] is None:
-        try:
+        # A peer that already exited or failed leaves nothing to wait for.
+        with contextlib.suppress(Exception):
             dist.barrier()
-        except Exception:  # a peer already exited or failed: nothing left to wait for
-            pass
     dist.destroy_process_group()
     gc.collect()
 

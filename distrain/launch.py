@@ -339,9 +339,8 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
             "--placement-strategy", args.placement_strategy, "|".join(PLACEMENT_STRATEGIES),
             "use PACK (default) or SPREAD",
         )
-    if args.num_workers is not None:
-        if args.num_workers < 1:
-            raise ConfigError("--num-workers", args.num_workers, ">= 1", "e.g. --num-workers 4")
+    if args.num_workers is not None and args.num_workers < 1:
+        raise ConfigError("--num-workers", args.num_workers, ">= 1", "e.g. --num-workers 4")
     for flag, value in (("--cpus-per-worker", args.cpus_per_worker),
                         ("--gpus-per-worker", args.gpus_per_worker)):
         if value < 0:

@@ -131,7 +131,7 @@ class LocalLauncher(Launcher):
                 local_ranks_filter=set(config.local_ranks_filter)
                 if config.local_ranks_filter else None,
             ),
-            shutdown_timeout=int(round(config.term_timeout)),
+            shutdown_timeout=round(config.term_timeout),
         )
         entrypoint, args = worker_command(config)
         try:
@@ -143,9 +143,10 @@ class LocalLauncher(Launcher):
                 values = dict.fromkeys(range(first, first + config.nproc_per_node))
             return RunResult(return_values=values, log_dir=None if own_log_dir else log_root)
         except ChildFailedError as error:
-            failures = tuple(
-                _describe_failure(rank, failure) for rank, failure in sorted(error.failures.items())
-            )
+            failures = primary_failures([
+                _describe_failure(rank, failure, _attempt_dir(log_root, run_id))
+                for rank, failure in sorted(error.failures.items())
+            ])
             return RunResult(return_values={}, failures=failures,
                              log_dir=None if own_log_dir else log_root)
         except SignalException as error:
@@ -156,17 +157,34 @@ class LocalLauncher(Launcher):
                 shutil.rmtree(log_root, ignore_errors=True)
 
 
-def _describe_failure(rank: int, failure: Any) -> RankFailure:
+def _attempt_dir(log_root: str, run_id: str) -> Path | None:
+    """The newest ``attempt_N`` directory of this run under the log root."""
+    attempts = list(Path(log_root).glob(f"{run_id}_*/attempt_*"))
+    if not attempts:
+        return None
+    return max(attempts, key=lambda p: (p.stat().st_mtime, int(p.name.split("_")[1])))
+
+
+def primary_failures(failures: list[RankFailure]) -> tuple[RankFailure, ...]:
+    """The ranks that failed on their own, without those the launcher then stopped (SIGTERM)."""
+    own = [f for f in failures if f.signal != "SIGTERM"]
+    return tuple(own or failures)
+
+
+def _describe_failure(rank: int, failure: Any, attempt_dir: Path | None) -> RankFailure:
     from distrain.launch import RankFailure
 
     signal_name = failure.signal_name() if failure.exitcode < 0 else None
     if signal_name == "<N/A>":
         signal_name = None
     log_tail = ""
-    if failure.error_file:
-        stderr = Path(failure.error_file).parent / "stderr.log"
-        with contextlib.suppress(OSError):
-            log_tail = tail_text(stderr.read_text(errors="replace"))
+    if attempt_dir is not None:
+        for stream in ("stderr.log", "stdout.log"):
+            with contextlib.suppress(OSError):
+                path = attempt_dir / str(failure.local_rank) / stream
+                log_tail = tail_text(path.read_text(errors="replace"))
+            if log_tail:
+                break
     message = failure.message if isinstance(failure.message, str) else ""
     if not log_tail and message and not message.startswith(("Signal", "To enable traceback")):
         log_tail = tail_text(message)

@@ -1,0 +1,138 @@
+"""``build_loader``: a DataLoader on a :class:`ResumableDistributedSampler` with sane defaults.
+
+The loader counts the batches the training loop actually took (not what workers prefetched)
+and reports them to the sampler, so ``loader.state_dict()`` at any step is an exact resume point.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from collections.abc import Callable, Iterator, Sized
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from distrain.data.sampler import ResumableDistributedSampler
+from distrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from distrain.ddp import Context
+
+
+class ResumableLoader(DataLoader):  # type: ignore[type-arg]
+    """A DataLoader whose progress is saved with ``state_dict()`` and restored exactly."""
+
+    sampler: ResumableDistributedSampler
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        sampler = self.sampler
+        for batch in super().__iter__():
+            sampler.record_consumed(self.batch_size or 1)
+            yield batch
+
+    def __len__(self) -> int:
+        samples = len(self.sampler)
+        size = self.batch_size or 1
+        return samples // size if self.drop_last else -(-samples // size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self.sampler.epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict(), "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        # A remainder smaller than one batch is dropped anyway: the epoch is over.
+        if self.drop_last and 0 < len(self.sampler) < (self.batch_size or 1):
+            self.sampler.load_state_dict({**state["sampler"], "consumed": len(self.dataset)})  # type: ignore[arg-type]
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed numpy and ``random`` in a loader worker from torch's per-worker seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_loader(
+    dataset: Dataset[Any],
+    ctx: Context,
+    batch_size: int | None = None,
+    *,
+    global_batch_size: int | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_workers: int | None = None,
+    pin_memory: bool | str = "auto",
+    drop_last: bool = False,
+    persistent_workers: bool | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    prefetch_factor: int | None = None,
+) -> ResumableLoader:
+    """A resumable, rank-sharded DataLoader.
+
+    ``batch_size`` is per rank; or give ``global_batch_size`` (divided by the world size).
+    ``num_workers`` defaults to 0 on CPU-only hosts with few cores, else 2; worker processes are
+    seeded and persistent. Randomness inside the dataset should come from the sample index (or
+    the per-worker seed) for bit-exact resume; the shuffle order itself is always exact.
+    """
+    per_rank = _per_rank_batch(batch_size, global_batch_size, ctx.world_size)
+    length = len(dataset) if isinstance(dataset, Sized) else None
+    if length is None:
+        raise ConfigError("dataset", type(dataset).__name__, "a map-style Dataset with __len__",
+                          "implement __len__ and __getitem__ (IterableDataset is not sharded here)")
+    if length % ctx.world_size and ctx.is_main:
+        warnings.warn(
+            f"dataset length {length} does not divide by world size {ctx.world_size}: "
+            f"{'the last samples are dropped' if drop_last else 'some samples are repeated as padding'}"
+            " in each epoch", stacklevel=2)
+    if num_workers is None:
+        num_workers = 0 if (os.cpu_count() or 1) <= 2 else 2
+    if num_workers < 0:
+        raise ConfigError("num_workers", num_workers, ">= 0", "use 0 to load in the main process")
+    if persistent_workers is None:
+        persistent_workers = num_workers > 0
+    pin = ctx.device.type == "cuda" if pin_memory == "auto" else bool(pin_memory)
+    sampler = ResumableDistributedSampler(
+        cast(Sized, dataset), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle, seed=seed,
+        drop_last=drop_last,
+    )
+    # A private generator: creating an iterator must not consume the global RNG, or a resumed
+    # run's dropout masks would drift from the uninterrupted run's.
+    generator = torch.Generator()
+    generator.manual_seed(seed * 1_000_003 + ctx.rank)
+    extra: dict[str, Any] = {}
+    if num_workers > 0:
+        extra["persistent_workers"] = persistent_workers
+        extra["worker_init_fn"] = seed_worker
+        if prefetch_factor is not None:
+            extra["prefetch_factor"] = prefetch_factor
+    return ResumableLoader(
+        dataset, batch_size=per_rank, sampler=sampler, num_workers=num_workers, pin_memory=pin,
+        drop_last=drop_last, collate_fn=collate_fn, generator=generator, **extra,
+    )
+
+
+def _per_rank_batch(batch_size: int | None, global_batch_size: int | None, world_size: int) -> int:
+    if (batch_size is None) == (global_batch_size is None):
+        raise ConfigError("batch_size/global_batch_size", (batch_size, global_batch_size),
+                          "exactly one of them", "pass batch_size=... (per rank) or global_batch_size=...")
+    if global_batch_size is not None:
+        if global_batch_size < 1 or global_batch_size % world_size:
+            raise ConfigError(
+                "global_batch_size", global_batch_size, f"a positive multiple of the world size {world_size}",
+                f"use e.g. {max(1, global_batch_size // world_size) * world_size}",
+            )
+        return global_batch_size // world_size
+    if batch_size is None or batch_size < 1:
+        raise ConfigError("batch_size", batch_size, "a positive integer", "e.g. batch_size=32")
+    return batch_size

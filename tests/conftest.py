@@ -1,0 +1,42 @@
+"""Fixtures that catch what a test leaks: env vars, a process group, child processes, threads."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+WATCHED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "OMP_NUM_THREADS", "TORCHELASTIC_RUN_ID")
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    env_before = {k: os.environ.get(k) for k in WATCHED_ENV}
+    threads_before = {t.ident for t in threading.enumerate()}
+    yield
+    env_after = {k: os.environ.get(k) for k in WATCHED_ENV}
+    assert env_after == env_before, f"test leaked environment variables: {env_after}"
+    import torch.distributed as dist
+
+    assert not (dist.is_available() and dist.is_initialized()), "test left a process group"
+    deadline = time.monotonic() + 10
+    children = [c for c in psutil.Process().children(recursive=True) if not _is_mp_helper(c)]
+    while children and time.monotonic() < deadline:
+        _, children = psutil.wait_procs(children, timeout=0.5)
+    assert not children, f"test left child processes: {[c.pid for c in children]}"
+    leaked = [t for t in threading.enumerate()
+              if t.ident not in threads_before and t.is_alive() and not t.daemon]
+    assert not leaked, f"test left threads running: {leaked}"
+
+
+def _is_mp_helper(proc: psutil.Process) -> bool:
+    """multiprocessing's resource tracker lives as long as the test process, by design."""
+    try:
+        return "resource_tracker" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
