@@ -14,6 +14,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
+DEFAULT_START_METHOD = "forkserver"
+
 
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (with "did you mean") and exit 2."""
@@ -64,8 +66,12 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                        help="seconds between worker health checks (default 0.1)")
     fault.add_argument(*_flag("term_timeout"), type=float, default=30.0,
                        help="grace period after SIGTERM before workers are killed (default 30)")
-    fault.add_argument(*_flag("start_method"), default="spawn",
-                       help="spawn (default), fork or forkserver (function entrypoints)")
+    fault.add_argument(*_flag("start_method"), default=DEFAULT_START_METHOD,
+                       help="forkserver: fork script workers from a process that already imported "
+                            "torch (fast start); spawn: one fresh interpreter per worker, as torchrun;"
+                            f" fork (function entrypoints). Default {DEFAULT_START_METHOD}")
+    fault.add_argument("--preload", default="",
+                       help="modules the forkserver imports once for all workers (torch always)")
     fault.add_argument("--role", default="default", help="worker role name (default 'default')")
 
     logs = parser.add_argument_group("logs")
@@ -80,8 +86,9 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     ray = parser.add_argument_group("ray launcher (--launcher ray)")
     ray.add_argument("--address", dest="ray_address", default=None,
                      help="auto, HOST:PORT or ray://HOST:PORT; default: a new local Ray")
-    ray.add_argument(*_flag("num_workers"), type=int, default=None,
-                     help="total workers (instead of --nnodes x --nproc-per-node)")
+    ray.add_argument(*_flag("num_workers"), default=None,
+                     help="total workers N, or MIN:MAX to restart elastically "
+                          "(instead of --nnodes x --nproc-per-node)")
     ray.add_argument(*_flag("cpus_per_worker"), type=float, default=1.0, help="default 1")
     ray.add_argument(*_flag("gpus_per_worker"), type=float, default=0.0, help="default 0")
     ray.add_argument(*_flag("placement_strategy"), default="PACK",

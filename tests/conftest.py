@@ -35,8 +35,9 @@ def no_leaks() -> Iterator[None]:
 
 
 def _is_mp_helper(proc: psutil.Process) -> bool:
-    """multiprocessing's resource tracker lives as long as the test process, by design."""
+    """multiprocessing's resource tracker and forkserver live as long as the test process, by design."""
     try:
-        return "resource_tracker" in " ".join(proc.cmdline())
+        command = " ".join(proc.cmdline())
+        return "resource_tracker" in command or "forkserver" in command
     except psutil.Error:
         return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,6 +26,17 @@ from tests.helpers import (
 )
 
 SCRIPTS = REPO / "tests" / "scripts"
+
+
+@pytest.fixture(autouse=True, params=["spawn", "forkserver"])
+def start_method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every behaviour holds for fresh interpreters and for workers forked from the preloaded server.
+
+    ``PET_START_METHOD`` is how torchrun-style flags come from the environment; the real torchrun
+    ignores it for scripts (they are always fresh interpreters there).
+    """
+    monkeypatch.setenv("PET_START_METHOD", request.param)
+    return str(request.param)
 # Differ from run to run by design (fresh port, run id, temp paths) or belong to the harness.
 VOLATILE = {"MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE", "BASE_KEYS", "OUT_DIR", "_"}
 
@@ -259,3 +271,39 @@ def test_env_command_prints_versions() -> None:
     for key in ("python", "torch", "torchvision", "ray", "tensorboardX", "gloo", "cuda available", "$RANK"):
         assert key in result.stdout
     assert sys.version.split()[0] in result.stdout
+
+
+@pytest.mark.timeout(120)
+def test_script_behaves_like_a_fresh_interpreter(tmp_path: Path, start_method: str) -> None:
+    result = distrain("launch", "--nproc-per-node", "2", str(SCRIPTS / "fast_checks.py"), "--flag",
+                      env={"OUT_DIR": str(tmp_path)})
+    assert_ok(result)
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"fast-{rank}.json").read_text())
+        assert seen == {"sibling": "sibling imported", "path0": str(SCRIPTS),
+                        "argv": [str(SCRIPTS / "fast_checks.py"), "--flag"], "squares": [1, 4, 9],
+                        "loader_total": 28.0, "cuda_initialized": False}
+
+
+@pytest.mark.timeout(120)
+def test_no_server_or_worker_outlives_the_launcher(tmp_path: Path, start_method: str) -> None:
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "distrain", "launch", "--nproc-per-node", "2", str(SCRIPTS / "behave.py")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env=child_env({"OUT_DIR": str(tmp_path), "BEHAVE": "ok"}))
+    launcher = psutil.Process(proc.pid)
+    try:
+        family: set[int] = set()
+        while proc.poll() is None:  # note every descendant (server, workers) while it runs
+            with contextlib.suppress(psutil.Error):
+                family |= {child.pid for child in launcher.children(recursive=True)}
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.05)
+        proc.communicate(timeout=60)
+    finally:
+        kill_group(proc.pid)
+    assert proc.returncode == 0
+    survivors = [pid for pid in family if psutil.pid_exists(pid)
+                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not survivors, f"left running: {survivors}"
+    _assert_gone(tmp_path)

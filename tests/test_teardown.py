@@ -19,7 +19,9 @@ RUNS = 30
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_thirty_ddp_runs_never_abort_at_teardown() -> None:
-    command = [sys.executable, "-m", "distrain", "launch", "--nproc-per-node", "2",
-               str(HERE / "scripts" / "distrain_ddp_tiny.py")]
+    # Fresh interpreters (spawn): the path where interpreter finalization can abort. Workers
+    # forked from the preloaded server leave through os._exit and never finalize.
+    command = [sys.executable, "-m", "distrain", "launch", "--start-method", "spawn",
+               "--nproc-per-node", "2", str(HERE / "scripts" / "distrain_ddp_tiny.py")]
     tally = count_aborts("ddp", command, RUNS, env=child_env())
     assert (tally.aborts, tally.other_failures) == (0, 0), tally.line()

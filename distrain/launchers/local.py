@@ -13,6 +13,7 @@ What it adds to ``torchrun``, all on top of ``elastic_launch``:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal as signal_module
@@ -50,11 +51,20 @@ def rendezvous(config: LaunchConfig) -> tuple[str, str, str, dict[str, Any]]:
     return config.rdzv_backend, config.rdzv_endpoint, config.rdzv_id, conf
 
 
+def uses_fast_start(config: LaunchConfig) -> bool:
+    """Script workers forked from the preloaded server (``--start-method forkserver``)."""
+    return not callable(config.entrypoint) and not config.no_python and config.start_method == "forkserver"
+
+
 def worker_command(config: LaunchConfig) -> tuple[str | Callable[..., Any], list[Any]]:
     """The entrypoint and argument list handed to ``elastic_launch`` (torchrun's rules)."""
     if callable(config.entrypoint):
         return run_function, [config.entrypoint, *config.args]
     script = str(config.entrypoint)
+    if uses_fast_start(config):
+        from distrain.launchers.preload import run_script
+
+        return run_script, [script, list(config.args), config.module]
     if config.no_python:
         return script, list(config.args)
     prefix = ["-u", "-m", script] if config.module else ["-u", script]
@@ -92,6 +102,21 @@ def omp_threads(nproc_per_node: int) -> Iterator[None]:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = previous
+
+
+@contextlib.contextmanager
+def quiet_function_failures() -> Iterator[None]:
+    """Hide the agent's own traceback for a failed function worker; our summary says it better."""
+    agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    levels = agent_log.level, spawn_log.level
+    agent_log.setLevel(logging.CRITICAL)
+    spawn_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        agent_log.setLevel(levels[0])
+        spawn_log.setLevel(levels[1])
 
 
 class LocalLauncher(Launcher):
@@ -136,7 +161,12 @@ class LocalLauncher(Launcher):
         entrypoint, args = worker_command(config)
         try:
             with omp_threads(config.nproc_per_node):
-                outputs = elastic_launch(torch_config, entrypoint)(*args)
+                if uses_fast_start(config):
+                    from distrain.launchers.preload import start_server
+
+                    start_server(config.preload)
+                with quiet_function_failures():
+                    outputs = elastic_launch(torch_config, entrypoint)(*args)
             values = {rank: value for rank, value in (outputs or {}).items()}
             if not values:
                 first = config.node_rank * config.nproc_per_node

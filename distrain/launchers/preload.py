@@ -1,0 +1,92 @@
+"""The fast start: script workers forked from a server that already imported torch.
+
+``torchrun`` starts every worker as a fresh interpreter, so each one pays ``import torch``
+(2-3 s of CPU) and N of them queue for the cores. Here one process, multiprocessing's
+*forkserver*, imports ``torch`` (and ``--preload`` modules) once; each worker is ``fork()``-ed from
+it and runs the script as ``__main__`` with ``runpy``. The workers are still started, watched,
+restarted and stopped by ``torch.distributed.elastic`` (its function entrypoint with the
+``forkserver`` start method): no process manager of our own.
+
+The server must never initialise CUDA: a CUDA context does not survive ``fork()``. Importing
+torch does not create one; each worker creates its own when it pins its device in
+``distrain.ddp.init()`` (``torch.cuda.set_device(LOCAL_RANK)``) after the fork.
+
+What a worker sees is what ``python -u script.py args`` would give it: ``sys.argv``,
+``sys.path[0]`` (the script's directory, or the working directory for ``-m``),
+``__name__ == "__main__"``, exit codes from ``sys.exit``, a traceback on stderr for an uncaught
+exception, ``atexit`` handlers run at the end, and a free choice of
+``multiprocessing.set_start_method``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import multiprocessing.context
+import multiprocessing.forkserver
+import os
+import runpy
+import sys
+import traceback
+from collections.abc import Sequence
+
+DEFAULT_PRELOAD = ("torch", "torch.distributed")
+
+
+def start_server(preload: Sequence[str]) -> None:
+    """Start the forkserver now (it imports ``preload``) so it warms up while we set up."""
+    modules = list(dict.fromkeys([*DEFAULT_PRELOAD, *preload]))
+    multiprocessing.set_forkserver_preload(modules)
+    multiprocessing.forkserver.ensure_running()
+
+
+def run_script(script: str, args: Sequence[str], module: bool) -> None:
+    """Run ``script`` (or ``-m`` module) as ``__main__`` in this forked worker, like ``python -u``."""
+    # A forked worker inherits the "forkserver" start method; a script may choose its own.
+    multiprocessing.context._default_context._actual_context = None  # type: ignore[attr-defined]
+    sys.argv = [script, *args]
+    if module:
+        sys.path[0:1] = [os.getcwd()]
+    else:
+        sys.path[0:1] = [os.path.dirname(os.path.abspath(script))]
+    try:
+        if module:
+            runpy.run_module(script, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(script, run_name="__main__")
+    except SystemExit as exit_request:
+        _finish()
+        raise SystemExit(_exit_code(exit_request.code)) from None
+    except BaseException as error:
+        _print_traceback(error)
+        _finish()
+        raise
+    _finish()
+
+
+def _print_traceback(error: BaseException) -> None:
+    """What the interpreter prints for an uncaught exception, without our runpy frames."""
+    tb = error.__traceback__
+    while tb is not None and (tb.tb_frame.f_code.co_filename in (__file__, "<frozen runpy>")):
+        tb = tb.tb_next
+    traceback.print_exception(type(error), error, tb)
+
+
+def _exit_code(code: object) -> int:
+    """``sys.exit``'s rules: None -> 0, an int -> itself, anything else printed -> 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _finish() -> None:
+    """Interpreter exit, minus finalization: atexit handlers, then flushed streams."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
