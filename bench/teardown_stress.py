@@ -1,6 +1,6 @@
 """Count teardown aborts (SIGABRT, "terminate called without an active exception") over many runs.
 
-    python bench/teardown_stress.py                 # 200 DDP, 50 each: forkserver, atexit, FSDP, Ray; torchrun
+    python bench/teardown_stress.py        # 200 DDP, 50 each: forkserver, atexit, FSDP, Ray; torchrun
     python bench/teardown_stress.py --runs 30 --only ddp-spawn
 
 Each run is a fresh 2-rank launch of a 3-step training script; an abort is any run whose output
@@ -60,7 +60,10 @@ def distrain_launch(*args: str) -> list[str]:
     return [sys.executable, "-m", "distrain", "launch", "--nproc-per-node", "2", *args]
 
 
-def variants(runs: int, side_runs: int, ray_address: str | None) -> dict[str, tuple[list[str], int, dict[str, str]]]:
+Variant = tuple[list[str], int, dict[str, str]]
+
+
+def variants(runs: int, side_runs: int, ray_address: str | None) -> dict[str, Variant]:
     tiny = str(HERE / "scripts" / "distrain_ddp_tiny.py")
     plain = str(HERE / "scripts" / "plain_ddp_tiny.py")
     table = {
@@ -80,7 +83,8 @@ def variants(runs: int, side_runs: int, ray_address: str | None) -> dict[str, tu
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=200, help="runs of the main DDP variant")
     parser.add_argument("--side-runs", type=int, default=50, help="runs of FSDP, atexit, Ray, fixed")
     parser.add_argument("--only", default="", help="comma-separated variants")

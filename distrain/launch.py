@@ -68,7 +68,8 @@ class LaunchConfig:
     standalone: bool = False
     max_restarts: int = 0
     monitor_interval: float = 0.1
-    start_method: str = "spawn"
+    start_method: str = "forkserver"
+    preload: tuple[str, ...] = ()
     role: str = "default"
     log_dir: str | None = None
     redirects: str = "0"
@@ -245,6 +246,25 @@ def parse_ranks_filter(text: str, nproc: int) -> frozenset[int] | None:
     return ranks
 
 
+def parse_num_workers(value: str | int | None, launcher: str) -> tuple[int, int] | None:
+    """``--num-workers N``, or ``MIN:MAX`` (elastic; Ray launcher only) -> (min, max)."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    parts = text.split(":")
+    fix = "e.g. --num-workers 4, or --num-workers 2:4 with --launcher ray"
+    if len(parts) > 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError("--num-workers", text, "N or MIN:MAX with positive integers", fix)
+    low, high = int(parts[0]), int(parts[-1])
+    if low < 1 or high < low:
+        raise ConfigError("--num-workers", low if len(parts) == 1 else text, "1 <= MIN <= MAX",
+                          fix)
+    if low != high and launcher != "ray":
+        raise ConfigError("--num-workers", text, "MIN:MAX only with --launcher ray",
+                          "use --nnodes MIN:MAX with --rdzv-backend c10d for the local launcher")
+    return low, high
+
+
 def check_entrypoint(script: str | None, *, module: bool, no_python: bool) -> str:
     if not script:
         raise ConfigError(
@@ -315,17 +335,21 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         raise ConfigError(
             "--standalone", "set", "a single node (--nnodes 1)", "drop --standalone for multi-node"
         )
-    if max_nodes > 1 and args.rdzv_backend == "static" and not endpoint and master_port is None:
+    # Rendezvous flags are the local launcher's; the Ray launcher places ranks itself and
+    # is elastic between --nnodes MIN:MAX without a rendezvous backend.
+    local = args.launcher != "ray"
+    if local and max_nodes > 1 and args.rdzv_backend == "static" and not endpoint \
+            and master_port is None:
         raise ConfigError(
             "--master-port", None, "a port every node agrees on when --nnodes > 1",
             "pass the same --master-port (and --master-addr of node 0) to every node",
         )
-    if max_nodes > 1 and args.rdzv_backend == "c10d" and not endpoint:
+    if local and max_nodes > 1 and args.rdzv_backend == "c10d" and not endpoint:
         raise ConfigError(
             "--rdzv-endpoint", "", "HOST:PORT that every node can reach with c10d",
             "pass --rdzv-endpoint NODE0_HOST:PORT to every node",
         )
-    if args.rdzv_backend == "static" and min_nodes != max_nodes:
+    if local and args.rdzv_backend == "static" and min_nodes != max_nodes:
         raise ConfigError(
             "--nnodes", args.nnodes, "a fixed N with static rendezvous",
             "use --rdzv-backend c10d for elastic MIN:MAX",
@@ -339,15 +363,15 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
             "--placement-strategy", args.placement_strategy, "|".join(PLACEMENT_STRATEGIES),
             "use PACK (default) or SPREAD",
         )
-    if args.num_workers is not None and args.num_workers < 1:
-        raise ConfigError("--num-workers", args.num_workers, ">= 1", "e.g. --num-workers 4")
+    workers = parse_num_workers(args.num_workers, args.launcher)
     for flag, value in (("--cpus-per-worker", args.cpus_per_worker),
                         ("--gpus-per-worker", args.gpus_per_worker)):
         if value < 0:
             raise ConfigError(flag, value, ">= 0", f"fix {flag}")
     script = check_entrypoint(args.training_script, module=args.module, no_python=args.no_python)
-    if args.num_workers is not None:  # Ray's spelling: N workers in all, one "node" per worker
-        min_nodes, max_nodes, nproc = 1, 1, args.num_workers
+    if workers is not None:  # Ray's spelling: N workers in all, or MIN:MAX one by one
+        low, high = workers
+        min_nodes, max_nodes, nproc = (1, 1, low) if low == high else (low, high, 1)
     return LaunchConfig(
         entrypoint=script,
         args=tuple(args.training_script_args),
@@ -368,6 +392,7 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         max_restarts=args.max_restarts,
         monitor_interval=args.monitor_interval,
         start_method=args.start_method,
+        preload=tuple(name.strip() for name in args.preload.split(",") if name.strip()),
         role=args.role,
         log_dir=args.log_dir,
         redirects=parse_std(args.redirects, "--redirects", nproc),

@@ -48,7 +48,7 @@ def test_backend_and_device_resolution() -> None:
     assert ddp.resolve_backend("cpu:gloo,cuda:nccl", cuda_available=True) == "cpu:gloo,cuda:nccl"
     with pytest.raises(ConfigError, match="backend='ncl'"):
         ddp.resolve_backend("ncl", cuda_available=True)
-    with pytest.raises(ConfigError, match="backend='nccl'.*gloo"):
+    with pytest.raises(ConfigError, match=r"backend='nccl'.*gloo"):
         ddp.resolve_backend("nccl", cuda_available=False)
     assert ddp.resolve_device(3, cuda_device_count=0) == torch.device("cpu")
     assert ddp.resolve_device(3, cuda_device_count=1) == torch.device("cuda", 0)  # narrowed per worker

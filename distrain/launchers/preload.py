@@ -21,6 +21,7 @@ exception, ``atexit`` handlers run at the end, and a free choice of
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.forkserver
@@ -86,7 +87,5 @@ def _finish() -> None:
     """Interpreter exit, minus finalization: atexit handlers, then flushed streams."""
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass
