@@ -23,7 +23,7 @@ lint: venv
 	$(VENV)/bin/mypy
 
 demo: venv
-	$(PY) examples/demo.py
+	$(PY) examples/demo.py --run-dir runs/demo
 
 bench: venv
 	$(PY) bench/run_all.py

@@ -159,11 +159,23 @@ def init(backend: str = "auto", timeout: float | timedelta | None = None) -> Con
     kwargs: dict[str, Any] = {"backend": name, "rank": worker.rank, "world_size": worker.world_size}
     if collective_timeout is not None:
         kwargs["timeout"] = collective_timeout
+    kwargs["store"] = _attempt_store(worker, collective_timeout)
     if device.type == "cuda" and name == "nccl":
         kwargs["device_id"] = device
     dist.init_process_group(**kwargs)
     atexit.register(cleanup)
     return _context(worker, device, name)
+
+
+def _attempt_store(worker: WorkerEnv, timeout: timedelta | None) -> dist.Store:
+    """torch's env:// store, with keys private to this restart attempt.
+
+    A launcher may keep one store across restarts (torchrun shares its agent's); without a
+    per-attempt prefix a restarted group reads the dead group's addresses and cannot connect.
+    """
+    extra = {} if timeout is None else {"timeout": timeout}
+    store, _, _ = next(dist.rendezvous("env://", rank=worker.rank, world_size=worker.world_size, **extra))
+    return dist.PrefixStore(f"distrain/attempt_{worker.restart_count}", store)
 
 
 def _context(worker: WorkerEnv, device: torch.device, backend: str | None) -> Context:

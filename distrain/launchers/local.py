@@ -88,20 +88,38 @@ def std_settings(config: LaunchConfig) -> tuple[str, str]:
     return config.redirects, config.tee
 
 
+def launch_environ(config: LaunchConfig) -> dict[str, str]:
+    """Variables the launch sets in its own environment (the agent and workers read them).
+
+    * ``OMP_NUM_THREADS=1`` when unset and several workers per node (torchrun's rule).
+    * With ``--max-restarts``: ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``. By default the agent's
+      c10d store is shared with the workers and survives a restart, stale keys included, so a
+      restarted ``init_process_group`` finds the dead group's gloo addresses and fails
+      ("Gloo connectFullMesh failed ... Connection refused"; real torchrun 2.14 does this).
+      Without sharing, every attempt gets a fresh store.
+    """
+    changes = {}
+    threads = default_omp_num_threads(config.nproc_per_node)
+    if threads is not None:
+        changes["OMP_NUM_THREADS"] = threads
+    if config.max_restarts > 0:
+        changes.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    return changes
+
+
 @contextlib.contextmanager
-def omp_threads(nproc_per_node: int) -> Iterator[None]:
-    """torchrun's OMP_NUM_THREADS=1 default for the duration of the launch."""
-    value = default_omp_num_threads(nproc_per_node)
-    previous = os.environ.get("OMP_NUM_THREADS")
-    if value is not None:
-        os.environ["OMP_NUM_THREADS"] = value
+def scoped_environ(changes: dict[str, str]) -> Iterator[None]:
+    """Set ``changes`` in ``os.environ`` for the duration of the launch, then restore."""
+    previous = {key: os.environ.get(key) for key in changes}
+    os.environ.update(changes)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @contextlib.contextmanager
@@ -160,7 +178,7 @@ class LocalLauncher(Launcher):
         )
         entrypoint, args = worker_command(config)
         try:
-            with omp_threads(config.nproc_per_node):
+            with scoped_environ(launch_environ(config)):
                 if uses_fast_start(config):
                     from distrain.launchers.preload import start_server
 
