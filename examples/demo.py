@@ -55,7 +55,8 @@ def main() -> int:
                "--log-dir", str(run_dir / "logs"), str(REPO / "examples" / "digits_ddp.py"),
                "--epochs", str(args.epochs), "--run-dir", str(run_dir)]
     print("demo: $", " ".join(command[2:]).replace(sys.executable, "python"), flush=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": python_path}
     launcher = subprocess.Popen(command, env=env)
     try:
         wait_for_checkpoints(run_dir / "ckpt", 2, launcher)

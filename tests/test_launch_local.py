@@ -307,3 +307,17 @@ def test_no_server_or_worker_outlives_the_launcher(tmp_path: Path, start_method:
                  and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert not survivors, f"left running: {survivors}"
     _assert_gone(tmp_path)
+
+
+@pytest.mark.timeout(180)
+def test_a_restarted_group_can_init_its_process_group_again() -> None:
+    # torchrun 2.14 keeps its rendezvous store across restarts, so a plain script's restarted
+    # init_process_group reads the dead group's gloo addresses; distrain gives each attempt a
+    # fresh store, and distrain.ddp.init keys its group per attempt (so it works under torchrun).
+    script = str(SCRIPTS / "restart_pg.py")
+    result = distrain("launch", "--nproc-per-node", "2", "--max-restarts", "1", script)
+    assert_ok(result)
+    assert "[rank1]:rank 1 finished attempt 1" in result.stdout
+    result = torchrun("--nproc-per-node", "2", "--max-restarts", "1", script, env={"USE_DISTRAIN": "1"})
+    assert_ok(result)
+    assert "rank 1 finished attempt 1" in result.stdout
