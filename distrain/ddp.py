@@ -39,6 +39,7 @@ import torch.distributed as dist
 from distrain.amp import accumulate, autocast, grad_scaler
 from distrain.env import WorkerEnv
 from distrain.errors import ConfigError
+from distrain.fsdp import clip_grad_norm
 from distrain.wrapping import choose_strategy, release_wrapper, unwrap, wrap
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "barrier",
     "choose_strategy",
     "cleanup",
+    "clip_grad_norm",
     "grad_scaler",
     "init",
     "on_cleanup",

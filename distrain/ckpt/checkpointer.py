@@ -1,0 +1,295 @@
+"""``Checkpointer``: rank 0 writes the full state, every rank restores it, resume is exact.
+
+::
+
+    ckpt = Checkpointer("runs/x/ckpt", ctx, keep_last=3)
+    step = ckpt.load_latest(model=model, optimizer=opt, loader=loader) or 0  # None: fresh start
+    for batch in loader:
+        ...
+        step += 1
+        if step % 500 == 0:
+            ckpt.save(step, model=model, optimizer=opt, loader=loader, extra={"loss": loss})
+
+``save`` and ``load_latest`` are called on **every** rank (each rank contributes its RNG state
+and learns whether rank 0 succeeded). ``state_dict()`` of the objects is called on rank 0 only:
+under DDP every rank holds the same model and optimizer. Every rank reads the checkpoint files
+itself, so several nodes need the root on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import platform
+import socket
+from collections.abc import Callable, MutableMapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+import distrain
+from distrain.ckpt.state import (
+    JSON_FILE,
+    RNG_FILE,
+    capture_rng,
+    class_name,
+    kind_of,
+    restore_object,
+    restore_rank_rng,
+    safe_load,
+    snapshot,
+    state_of,
+)
+from distrain.ckpt.store import (
+    BackgroundWriter,
+    CheckpointError,
+    CheckpointStore,
+    check_retention,
+    read_manifest,
+    verify,
+)
+from distrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from distrain.ddp import Context
+
+
+class Checkpointer:
+    """Atomic, verified, optionally asynchronous checkpoints under ``root``.
+
+    ``keep_last``: how many of the newest checkpoints to keep (None: all); ``keep_every``: also
+    keep every checkpoint whose step is a multiple of it. ``async_save``: ``save`` only copies
+    the state to CPU memory and returns; a background thread writes it (one save in flight at
+    most; ``wait()``, the next ``save`` and ``distrain.ddp.cleanup()`` join it and raise its error).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        ctx: Context,
+        keep_last: int | None = 3,
+        keep_every: int | None = None,
+        async_save: bool = False,
+    ) -> None:
+        check_retention(keep_last, keep_every)
+        self.store = CheckpointStore(root)
+        self.ctx = ctx
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.async_save = bool(async_save)
+        self.values: dict[str, Any] = {}  # the JSON values of the checkpoint last loaded
+        self.path: Path | None = None  # the checkpoint directory last loaded (or saved, sync)
+        self._writer = BackgroundWriter()
+        if ctx.is_main:
+            self.store.create()
+            self.store.remove_stale()
+        from distrain.ddp import on_cleanup
+
+        on_cleanup(self.wait)
+
+    @property
+    def root(self) -> Path:
+        return self.store.root
+
+    # -- saving --------------------------------------------------------------------------
+
+    def save(self, step: int, **objects: Any) -> None:
+        """Write checkpoint ``step`` holding ``objects`` (call on every rank).
+
+        Raises :class:`CheckpointError` on every rank if rank 0 could not write it (or could
+        not write the previous one, in async mode); nothing half-written is ever published and
+        the objects in memory are untouched, so training can go on or save elsewhere.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError("step", step, "a non-negative integer", "pass the global step count")
+        if not objects:
+            raise ConfigError("objects", "none", "at least one object to save",
+                              "e.g. ckpt.save(step, model=model, optimizer=optimizer)")
+        kinds = {name: kind_of(name, obj) for name, obj in objects.items()}
+        error: BaseException | None = None
+        if self.ctx.is_main:
+            try:
+                self._writer.wait()
+            except CheckpointError as failed:
+                error = failed
+        rngs = self._gather_rng()
+        job: Callable[[], None] | None = None
+        if self.ctx.is_main and error is None:
+            try:
+                job = self._prepare(step, objects, kinds, rngs)
+            except Exception as failed:
+                error = failed
+        self._raise_everywhere(error, step)
+        if self.async_save:
+            if job is not None:
+                self._writer.submit(job)
+            return
+        if job is not None:
+            try:
+                job()
+            except Exception as failed:
+                error = failed
+        self._raise_everywhere(error, step)  # also the barrier: no rank runs ahead of the write
+
+    def wait(self) -> None:
+        """Finish the background write in flight (rank 0) and raise its error, if any."""
+        if self.ctx.is_main:
+            self._writer.wait()
+
+    def _prepare(
+        self, step: int, objects: dict[str, Any], kinds: dict[str, str], rngs: list[Any]
+    ) -> Callable[[], None]:
+        """Take the state now (CPU copies when async: the only stall); return the write job."""
+        states: dict[str, Any] = {}
+        values: dict[str, Any] = {}
+        described: dict[str, dict[str, str]] = {}
+        for name, obj in objects.items():
+            kind = kinds[name]
+            if kind == "json":  # a round trip freezes it: later changes must not leak in
+                values[name] = json.loads(json.dumps(obj))
+                described[name] = {"type": kind, "file": JSON_FILE, "class": class_name(obj)}
+            else:
+                states[name] = snapshot(state_of(obj, kind), copy=self.async_save, where=name)
+                described[name] = {"type": kind, "file": f"{name}.pt", "class": class_name(obj)}
+        rng = {"world_size": self.ctx.world_size, "ranks": rngs}
+        now = datetime.datetime.now(datetime.timezone.utc)
+        meta = {
+            "kind": "full",
+            "world_size": self.ctx.world_size,
+            "time": now.isoformat(timespec="seconds"),
+            "hostname": socket.gethostname(),
+            "torch": torch.__version__,
+            "distrain": distrain.__version__,
+            "python": platform.python_version(),
+            "objects": described,
+        }
+        return functools.partial(self._write, step, states, values, rng, meta)
+
+    def _write(self, step: int, states: dict[str, Any], values: dict[str, Any],
+               rng: dict[str, Any], meta: dict[str, Any]) -> None:
+        try:
+            staging = self.store.stage(step)
+        except OSError as error:
+            raise self._write_error(step, error) from error
+        try:
+            for name, state in states.items():
+                staging.write_file(f"{name}.pt", functools.partial(_torch_save, state))
+            staging.write_file(RNG_FILE, functools.partial(_torch_save, rng))
+            staging.write_json(JSON_FILE, values)
+            path = staging.commit(meta)
+        except OSError as error:
+            staging.abort()
+            raise self._write_error(step, error) from error
+        except BaseException:
+            staging.abort()
+            raise
+        self.store.set_latest(path)
+        self.store.apply_retention(keep_last=self.keep_last, keep_every=self.keep_every,
+                                   protect={step})
+        if not self.async_save:
+            self.path = path
+
+    def _write_error(self, step: int, error: OSError) -> CheckpointError:
+        where = error.filename or self.root
+        newest = [p.name for _, p in self.store.checkpoints()[-1:]]
+        kept = f"{newest[0]} is still the newest checkpoint" if newest else "no checkpoint was lost"
+        return CheckpointError(
+            f"could not write checkpoint step {step} to {where}: {error.strerror or error}; "
+            f"nothing was published ({kept}) and the training state in memory is unchanged; "
+            "free disk space or pick a writable root, then save again")
+
+    def _gather_rng(self) -> list[Any]:
+        state = capture_rng()
+        if not self.ctx.distributed:
+            return [state]
+        gathered: list[Any] | None = [None] * self.ctx.world_size if self.ctx.is_main else None
+        dist.gather_object(state, gathered, dst=0)
+        return gathered or []
+
+    def _from_main(self, value: Any) -> Any:
+        if not self.ctx.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _raise_everywhere(self, error: BaseException | None, step: int) -> None:
+        """Rank 0's error, raised on every rank (rank 0 raises the original)."""
+        message = self._from_main(None if error is None else str(error))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise CheckpointError(f"rank 0 could not save checkpoint step {step}: {message}")
+
+    # -- loading -------------------------------------------------------------------------
+
+    def load_latest(self, **objects: Any) -> int | None:
+        """Restore ``objects`` and this rank's RNG from the newest valid checkpoint.
+
+        Returns its step, or None when there is none (nothing is changed then). Checkpoints that
+        fail verification are skipped with a :class:`CheckpointWarning` naming them. JSON values
+        are in :attr:`values` afterwards (and copied into any dict passed under their name).
+        """
+        kinds = {name: kind_of(name, obj) for name, obj in objects.items()}
+        for name, obj in objects.items():
+            if kinds[name] == "json" and not isinstance(obj, MutableMapping):
+                raise ConfigError(f"checkpoint object {name}", type(obj).__name__,
+                                  "a dict to receive the saved JSON value",
+                                  f"pass {name}={{}} or read .values[{name!r}] after loading")
+        self.wait()
+        choice: str | None = None
+        error: str | None = None
+        if self.ctx.is_main:
+            try:
+                found = self.store.newest_valid()
+                choice = str(found.path) if found is not None else None
+            except OSError as failed:
+                error = f"cannot read checkpoints under {self.root}: {failed}"
+        choice, error = self._from_main((choice, error))
+        if error is not None:
+            raise CheckpointError(error)
+        if choice is None:
+            return None
+        return self._load(Path(choice), objects, kinds)
+
+    def _load(self, path: Path, objects: dict[str, Any], kinds: dict[str, str]) -> int:
+        manifest = read_manifest(path)
+        if not self.ctx.is_main:  # rank 0 checked every hash; the others check sizes
+            checked = verify(path, hashes=False)
+            if not checked.ok:
+                raise CheckpointError(f"checkpoint {path}: {'; '.join(checked.problems)}")
+        if manifest.get("kind") != "full":
+            raise CheckpointError(
+                f"checkpoint {path} is a {manifest.get('kind')!r} checkpoint; this Checkpointer "
+                "reads 'full' ones (use the same model wrapping as the run that wrote it)")
+        saved: dict[str, dict[str, str]] = manifest["objects"]
+        missing = sorted(set(objects) - set(saved))
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {path} holds no {', '.join(missing)}; it holds {', '.join(sorted(saved))}")
+        values: dict[str, Any] = json.loads((path / JSON_FILE).read_text())
+        states: dict[str, Any] = {}
+        for name in objects:  # load everything before changing anything
+            saved_kind = saved[name]["type"]
+            if (saved_kind == "json") != (kinds[name] == "json"):
+                raise CheckpointError(
+                    f"checkpoint {path}: {name} was saved as {saved_kind}, cannot restore it "
+                    f"into a {type(objects[name]).__name__}")
+            states[name] = (values[name] if saved_kind == "json"
+                            else safe_load(path / saved[name]["file"], map_location=self.ctx.device))
+        rng = safe_load(path / RNG_FILE, map_location="cpu")
+        for name, obj in objects.items():
+            restore_object(name, obj, saved[name]["type"], states[name])
+        step = int(manifest["step"])
+        restore_rank_rng(rng, rank=self.ctx.rank, step=step)
+        self.values = values
+        self.path = path
+        return step
+
+
+def _torch_save(state: Any, file: Any) -> None:
+    torch.save(state, file)

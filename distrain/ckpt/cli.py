@@ -1,0 +1,324 @@
+"""``distrain ckpt``: list, inspect, verify and export checkpoints, no training code needed.
+
+::
+
+    distrain ckpt ls runs/x/ckpt                      # step, time, size, kind, valid?
+    distrain ckpt inspect runs/x/ckpt/step-00001200   # metadata, objects, tensor shapes/dtypes
+    distrain ckpt verify runs/x/ckpt                  # every checkpoint; exit 1 naming a bad file
+    distrain ckpt export runs/x/ckpt --out model.pt   # bare model weights (a plain state dict)
+
+A PATH may be one checkpoint directory or a root holding ``step-*`` directories (``inspect`` and
+``export`` then take the newest valid one). Exit codes: 0 fine, 1 a checkpoint failed
+verification or could not be read safely, 2 bad input. Every command reads only the manifest,
+JSON and ``torch.load(weights_only=True)``: inspecting an untrusted checkpoint runs no code.
+
+Each subcommand is one row of :data:`COMMANDS` (arguments + handler); a checkpoint kind other
+than ``"full"`` (sharded, written through ``torch.distributed.checkpoint``) adds its own rows
+(``consolidate``) and is recognised from the manifest's ``kind`` field by the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from distrain.ckpt.store import (
+    MANIFEST,
+    CheckpointError,
+    CheckpointStore,
+    Verification,
+    read_manifest,
+    verify,
+)
+from distrain.errors import ConfigError
+from distrain.launch_args import OneLineParser
+
+EXIT_BAD_CHECKPOINT = 1
+EXIT_USAGE = 2
+MAX_TENSOR_LINES = 60
+
+
+class UsageError(Exception):
+    """Bad input on the command line: printed as one line, exit 2."""
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1024 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return f"{num_bytes:.1f} GB"
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def _existing_dir(text: str) -> Path:
+    path = Path(text)
+    if not path.exists():
+        raise UsageError(f"{text}: no such file or directory")
+    return path
+
+
+def _resolve(text: str) -> Path:
+    """A checkpoint directory, or the newest valid one under a root."""
+    path = _existing_dir(text)
+    if _is_checkpoint(path):
+        return path
+    store = CheckpointStore(path)
+    if not path.is_dir() or not store.checkpoints():
+        raise UsageError(f"{text}: expected a checkpoint directory (with {MANIFEST}) or a root "
+                         "holding step-* checkpoints")
+    found = store.newest_valid()
+    if found is None:
+        raise CheckpointError(f"{text}: no checkpoint under it verifies (see distrain ckpt verify)")
+    return found.path
+
+
+def _total_size(manifest: dict[str, Any]) -> int:
+    return sum(int(r.get("size", 0)) for r in manifest.get("files", {}).values())
+
+
+# -- ls ------------------------------------------------------------------------------------
+
+
+def _ls_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help="a checkpoint root")
+    parser.add_argument("--quick", action="store_true", help="check sizes only, not sha256")
+
+
+def _ls(args: argparse.Namespace) -> int:
+    root = _existing_dir(args.dir)
+    store = CheckpointStore(root)
+    found = store.checkpoints()
+    if not found:
+        print(f"no checkpoints under {root}")
+        return 0
+    latest = store.latest_name()
+    rows = [("", "step", "time", "size", "kind", "world", "valid")]
+    for step, path in found:
+        result = verify(path, hashes=not args.quick)
+        manifest = result.manifest or {}
+        rows.append((
+            "*" if path.name == latest else "", str(step), str(manifest.get("time", "?")),
+            _size(_total_size(manifest)) if manifest else "?", str(manifest.get("kind", "?")),
+            str(manifest.get("world_size", "?")),
+            "yes" if result.ok else "NO: " + "; ".join(result.problems),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
+# -- inspect -------------------------------------------------------------------------------
+
+
+def _inspect_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="a checkpoint directory, a root (newest valid), or a .pt file")
+
+
+def _tensor_lines(prefix: str, value: Any, out: list[tuple[str, str, int]]) -> None:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        shape = "x".join(str(d) for d in value.shape) or "scalar"
+        out.append((prefix, f"{shape} {str(value.dtype).replace('torch.', '')}", value.numel()))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _tensor_lines(f"{prefix}.{key}" if prefix else str(key), item, out)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _tensor_lines(f"{prefix}[{index}]", item, out)
+
+
+def _describe_state(state: Any, *, module: bool) -> list[str]:
+    found: list[tuple[str, str, int]] = []
+    _tensor_lines("", state, found)
+    lines = []
+    if module:
+        lines.append(f"    parameters: {sum(n for _, _, n in found):,} in {len(found)} tensors")
+    elif isinstance(state, dict):
+        lines.append(f"    keys: {', '.join(str(k) for k in state)}")
+        lines.append(f"    tensors: {len(found)} ({sum(n for _, _, n in found):,} elements)")
+    shown = found if module else found[:8]
+    width = max((len(name) for name, _, _ in shown[:MAX_TENSOR_LINES]), default=0)
+    for name, desc, _ in shown[:MAX_TENSOR_LINES]:
+        lines.append(f"      {name.ljust(width)}  {desc}")
+    if len(found) > min(len(shown), MAX_TENSOR_LINES):
+        lines.append(f"      ... {len(found) - min(len(shown), MAX_TENSOR_LINES)} more tensors")
+    return lines
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from distrain.ckpt.state import safe_load
+
+    target = _existing_dir(args.path)
+    if target.is_file():
+        state = safe_load(target, map_location="cpu")
+        print(f"{target} ({_size(target.stat().st_size)})")
+        print("\n".join(_describe_state(state, module=_is_flat_tensors(state))))
+        return 0
+    path = _resolve(args.path)
+    result = verify(path)
+    manifest = result.manifest or read_manifest(path)
+    print(f"checkpoint {path}")
+    for key in ("kind", "step", "world_size", "time", "hostname", "torch", "distrain", "python"):
+        print(f"  {key}: {manifest.get(key, '?')}")
+    print(f"  files: {len(manifest.get('files', {}))}, {_size(_total_size(manifest))}")
+    print(f"  valid: {'yes' if result.ok else 'NO: ' + '; '.join(result.problems)}")
+    if manifest.get("kind") != "full":
+        for name, record in sorted(manifest.get("files", {}).items()):
+            print(f"    {name}  {_size(record['size'])}")
+        return 0 if result.ok else EXIT_BAD_CHECKPOINT
+    import json
+
+    values = json.loads((path / "extra.json").read_text())
+    print("  objects:")
+    for name, record in manifest.get("objects", {}).items():
+        print(f"  - {name}: {record['type']} {record['class']} ({record['file']})")
+        if record["type"] == "json":
+            text = json.dumps(values.get(name))
+            print(f"    value: {text if len(text) <= 200 else text[:200] + ' ...'}")
+        else:
+            state = safe_load(path / record["file"], map_location="cpu")
+            print("\n".join(_describe_state(state, module=record["type"] == "module")))
+    return 0 if result.ok else EXIT_BAD_CHECKPOINT
+
+
+def _is_flat_tensors(state: Any) -> bool:
+    import torch
+
+    return isinstance(state, dict) and bool(state) and all(
+        isinstance(v, torch.Tensor) for v in state.values())
+
+
+# -- verify --------------------------------------------------------------------------------
+
+
+def _verify_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="a checkpoint directory, or a root: every checkpoint in it")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    path = _existing_dir(args.path)
+    if _is_checkpoint(path):
+        results = [verify(path)]
+    else:
+        found = CheckpointStore(path).checkpoints() if path.is_dir() else []
+        if not found:
+            raise UsageError(f"{args.path}: expected a checkpoint directory (with {MANIFEST}) "
+                             "or a root holding step-* checkpoints")
+        results = [verify(p) for _, p in found]
+    for result in results:
+        _print_verification(result)
+    bad = [r for r in results if not r.ok]
+    if bad:
+        print(f"{len(bad)} of {len(results)} checkpoint(s) failed verification", file=sys.stderr)
+        return EXIT_BAD_CHECKPOINT
+    return 0
+
+
+def _print_verification(result: Verification) -> None:
+    if result.ok:
+        manifest = result.manifest or {}
+        count = len(manifest.get("files", {}))
+        print(f"OK      {result.path} ({count} files, {_size(_total_size(manifest))})")
+    else:
+        print(f"FAILED  {result.path}: {'; '.join(result.problems)}")
+
+
+# -- export --------------------------------------------------------------------------------
+
+
+def _export_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="a checkpoint directory, or a root (newest valid)")
+    parser.add_argument("--out", required=True, help="where to write the bare state dict (.pt)")
+    parser.add_argument("--name", default=None,
+                        help="which saved module, when the checkpoint holds several")
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from distrain.ckpt.state import safe_load
+
+    path = _resolve(args.path)
+    result = verify(path)
+    if not result.ok:
+        _print_verification(result)
+        return EXIT_BAD_CHECKPOINT
+    manifest = result.manifest or {}
+    if manifest.get("kind") != "full":
+        raise UsageError(f"{path} is a {manifest.get('kind')!r} checkpoint: use "
+                         "distrain ckpt consolidate PATH --out FILE")
+    modules = [n for n, r in manifest.get("objects", {}).items() if r["type"] == "module"]
+    name = args.name or (modules[0] if len(modules) == 1 else None)
+    if name is None or name not in modules:
+        raise UsageError(f"--name={args.name!r}: expected one of the saved modules "
+                         f"({', '.join(modules) or 'none'})")
+    state = safe_load(path / manifest["objects"][name]["file"], map_location="cpu")
+    out = Path(args.out)
+    if out.parent and not out.parent.is_dir():
+        raise UsageError(f"--out={args.out!r}: its directory does not exist")
+    temp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    torch.save(state, temp)
+    os.replace(temp, out)
+    count = sum(v.numel() for v in state.values() if isinstance(v, torch.Tensor))
+    print(f"wrote {out}: {name} from {path} ({len(state)} tensors, {count:,} elements); load it "
+          "with model.load_state_dict(torch.load(path, weights_only=True))")
+    return 0
+
+
+# -- dispatch ------------------------------------------------------------------------------
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+# A sharded checkpoint kind adds its rows here (e.g. "consolidate": sharded -> one model.pt).
+COMMANDS: dict[str, Command] = {
+    "ls": ("list checkpoints: step, time, size, kind, valid?", _ls_args, _ls),
+    "inspect": ("metadata, objects, tensor shapes and dtypes, parameter count",
+                _inspect_args, _inspect),
+    "verify": ("check sizes and sha256 of every file; exit 1 naming a bad one",
+               _verify_args, _verify),
+    "export": ("write the bare model weights (a plain state dict)", _export_args, _export),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="distrain ckpt", description="Inspect and check checkpoints.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    args = parser.parse_args(argv)
+    handler = COMMANDS[args.command][2]
+    prog = f"distrain ckpt {args.command}"
+    error_line: str | None = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            code = handler(args)
+        except (UsageError, ConfigError) as error:
+            code, error_line = EXIT_USAGE, str(error)
+        except (CheckpointError, OSError) as error:
+            code, error_line = EXIT_BAD_CHECKPOINT, str(error)
+    for warning in caught:  # skipped checkpoints, named before the outcome
+        print(f"{prog}: warning: {warning.message}", file=sys.stderr)
+    if error_line is not None:
+        print(f"{prog}: error: {error_line}", file=sys.stderr)
+    return code

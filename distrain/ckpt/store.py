@@ -1,0 +1,386 @@
+"""The on-disk side of checkpoints: atomic directories, a verified manifest, retention, a writer.
+
+Layout of a checkpoint root::
+
+    root/
+      latest                  # text: the name of the newest committed checkpoint, replaced atomically
+      step-00001200/          # one directory per checkpoint, complete or absent
+        manifest.json         # kind, step, world size, versions, sha256 + size of every file
+        model.pt ...          # the state files (which ones depends on the kind)
+      .tmp-step-00001400-*/   # a save in progress (or killed): never read, removed by the next writer
+
+Why a crash at any instant is harmless: every file is written inside a ``.tmp-`` directory and
+fsynced, the manifest is written last, the directory is fsynced and only then renamed to
+``step-N`` (a rename is atomic), and the parent is fsynced. A directory named ``step-N`` therefore
+always holds a complete checkpoint; whatever a crash leaves behind is a ``.tmp-``/``.trash-``
+directory that nothing reads. The manifest carries its own digest, so a bit flip anywhere (in a
+state file or in the manifest itself) is caught by :func:`verify`, which names the file.
+
+The store knows nothing about torch: a checkpoint kind (``"full"``: rank 0 writes everything;
+``"sharded"``: every rank writes its shard through ``torch.distributed.checkpoint``) writes files
+into a :class:`Staging` directory and commits it with its metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import threading
+import uuid
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from distrain.errors import ConfigError
+
+FORMAT = "distrain-checkpoint"
+FORMAT_VERSION = 1
+KINDS = ("full", "sharded")
+MANIFEST = "manifest.json"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_CHUNK = 1 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the file and the reason."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file holds a pickle that would import or call code; it was not loaded."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (corrupt or partial) while looking for the newest valid one."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    match = _STEP_DIR.match(name)
+    return int(match.group(1)) if match else None
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """The digest the manifest carries of itself (every key but this one, canonical JSON)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _safe_relative(name: str) -> bool:
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts and name != MANIFEST
+
+
+class _HashingWriter:
+    """A write-only file object that hashes and counts what passes through (no second read)."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self._file = file
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.error: OSError | None = None  # torch.save turns a failed write into a vague error
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        self.size += view.nbytes
+        try:
+            return self._file.write(view)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
+class Staging:
+    """A checkpoint being written: files go into a hidden directory, :meth:`commit` publishes it."""
+
+    def __init__(self, root: Path, step: int) -> None:
+        self.root = root
+        self.step = step
+        self.path = root / f".tmp-{step_dir_name(step)}-{uuid.uuid4().hex[:12]}"
+        self.path.mkdir()
+        self.files: dict[str, dict[str, Any]] = {}
+
+    def write_file(self, name: str, write: Callable[[IO[bytes]], None]) -> None:
+        """Create ``name`` and fill it with ``write(file)``; hashed while written, then fsynced."""
+        target = self.path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "xb") as raw:
+            hashing = _HashingWriter(raw)
+            try:
+                write(hashing)  # type: ignore[arg-type]  # a file object as far as writers care
+            except Exception as error:
+                if hashing.error is None:
+                    raise
+                failed = hashing.error
+                if failed.filename is None:
+                    failed = OSError(failed.errno, failed.strerror, str(target))
+                raise failed from error
+            raw.flush()
+            os.fsync(raw.fileno())
+        self.files[name] = {"sha256": hashing.digest.hexdigest(), "size": hashing.size}
+
+    def write_json(self, name: str, value: Any) -> None:
+        data = json.dumps(value, indent=1, sort_keys=True).encode()
+        self.write_file(name, lambda file: _write_bytes(file, data))
+
+    def add_existing(self, name: str) -> None:
+        """Record a file something else already wrote into :attr:`path` (e.g. a DCP shard)."""
+        target = self.path / name
+        with open(target, "rb+") as file:
+            os.fsync(file.fileno())
+        self.files[name] = {"sha256": sha256_file(target), "size": target.stat().st_size}
+
+    def commit(self, meta: dict[str, Any]) -> Path:
+        """Write the manifest, fsync, rename into place. Returns the published directory."""
+        kind = meta.get("kind")
+        if kind not in KINDS:
+            raise ValueError(f"checkpoint kind {kind!r} is not one of {KINDS}")
+        manifest = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "step": self.step,
+                    "files": dict(sorted(self.files.items()))}
+        manifest["manifest_sha256"] = manifest_digest(manifest)
+        data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        with open(self.path / MANIFEST, "xb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        fsync_dir(self.path)
+        final = self.root / step_dir_name(self.step)
+        if final.exists():  # the same step saved again: the new one replaces it
+            _discard(final)
+        os.rename(self.path, final)
+        fsync_dir(self.root)
+        return final
+
+    def abort(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _write_bytes(file: IO[bytes], data: bytes) -> None:
+    file.write(data)
+
+
+def _discard(path: Path) -> None:
+    """Remove a checkpoint directory: rename away first (atomic), so it never looks half-deleted."""
+    trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:12]}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Verification:
+    """The outcome of checking one checkpoint directory against its manifest."""
+
+    path: Path
+    problems: tuple[str, ...]
+    manifest: dict[str, Any] | None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of checkpoint directory ``path``, its self-digest checked."""
+    file = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(file.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(f"{MANIFEST}: missing in {path} (not a checkpoint, or partial)") from None
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{MANIFEST}: unreadable in {path}: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{MANIFEST}: in {path} is not a {FORMAT} manifest")
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise CheckpointError(f"{MANIFEST}: checksum mismatch in {path} (the manifest is corrupt)")
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{MANIFEST}: {path} has format version {manifest['format_version']}, newer than this "
+            f"distrain reads ({FORMAT_VERSION}); upgrade distrain")
+    return manifest
+
+
+def verify(path: Path, *, hashes: bool = True) -> Verification:
+    """Check every file against the manifest (size, and sha256 unless ``hashes=False``)."""
+    path = Path(path)
+    try:
+        manifest = read_manifest(path)
+    except CheckpointError as error:
+        return Verification(path=path, problems=(str(error),), manifest=None)
+    problems: list[str] = []
+    for name, record in sorted(manifest.get("files", {}).items()):
+        target = path / name
+        if not _safe_relative(name):
+            problems.append(f"{name}: not a file name inside the checkpoint")
+        elif not target.is_file():
+            problems.append(f"{name}: missing")
+        elif target.stat().st_size != record.get("size"):
+            problems.append(f"{name}: size {target.stat().st_size} != {record.get('size')} in the manifest")
+        elif hashes and sha256_file(target) != record.get("sha256"):
+            problems.append(f"{name}: sha256 mismatch (the file is corrupt)")
+    return Verification(path=path, problems=tuple(problems), manifest=manifest)
+
+
+def select_for_deletion(
+    steps: Iterable[int], *, keep_last: int | None, keep_every: int | None, protect: Iterable[int] = ()
+) -> list[int]:
+    """Which steps retention removes: all but the last ``keep_last``, multiples of ``keep_every``
+    and ``protect`` (the newest valid checkpoint). Pure."""
+    ordered = sorted(set(steps))
+    if keep_last is None:
+        return []
+    keep = set(ordered[-keep_last:]) | set(protect)
+    if keep_every:
+        keep |= {s for s in ordered if s % keep_every == 0}
+    return [s for s in ordered if s not in keep]
+
+
+def check_retention(keep_last: int | None, keep_every: int | None) -> None:
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int)
+                                  or keep_last < 1):
+        raise ConfigError("keep_last", keep_last, "an integer >= 1 or None (keep all)",
+                          "e.g. keep_last=3")
+    if keep_every is not None and (isinstance(keep_every, bool) or not isinstance(keep_every, int)
+                                   or keep_every < 1):
+        raise ConfigError("keep_every", keep_every, "a positive number of steps or None",
+                          "e.g. keep_every=1000 to also keep every 1000th step")
+
+
+class CheckpointStore:
+    """The checkpoints under one root directory."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def create(self) -> None:
+        """Make the root (and check it is a writable directory) or raise a one-line ConfigError."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".probe-{uuid.uuid4().hex[:12]}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise ConfigError("checkpoint root", str(self.root), "a writable directory",
+                              f"choose another path ({error.strerror or error})") from None
+
+    def stage(self, step: int) -> Staging:
+        return Staging(self.root, step)
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """Committed checkpoint directories, oldest first (not verified)."""
+        if not self.root.is_dir():
+            return []
+        found = [(parse_step_dir(p.name), p) for p in self.root.iterdir() if p.is_dir()]
+        return sorted((step, p) for step, p in found if step is not None)
+
+    def latest_name(self) -> str | None:
+        try:
+            return (self.root / LATEST).read_text().strip() or None
+        except OSError:
+            return None
+
+    def set_latest(self, path: Path) -> None:
+        """Point ``latest`` at ``path``: write a temporary file, fsync, rename over (atomic)."""
+        temp = self.root / f".{LATEST}-{uuid.uuid4().hex[:12]}"
+        with open(temp, "w") as file:
+            file.write(path.name + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, self.root / LATEST)
+        fsync_dir(self.root)
+
+    def remove_stale(self, keep: Iterable[Path] = ()) -> None:
+        """Delete what killed writers left behind (``.tmp-``, ``.trash-``, ``.latest-``)."""
+        spared = {Path(p) for p in keep}
+        for entry in self.root.iterdir() if self.root.is_dir() else ():
+            if entry.name.startswith((".tmp-", ".trash-", f".{LATEST}-")) and entry not in spared:
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
+    def apply_retention(
+        self, *, keep_last: int | None, keep_every: int | None, protect: Iterable[int]
+    ) -> list[Path]:
+        by_step = dict(self.checkpoints())
+        doomed = select_for_deletion(by_step, keep_last=keep_last, keep_every=keep_every,
+                                     protect=protect)
+        for step in doomed:
+            _discard(by_step[step])
+        return [by_step[s] for s in doomed]
+
+    def newest_valid(self) -> Verification | None:
+        """The newest checkpoint that verifies; each newer one skipped is named in a warning."""
+        for _, path in reversed(self.checkpoints()):
+            result = verify(path)
+            if result.ok:
+                return result
+            warnings.warn(f"skipping checkpoint {path}: {'; '.join(result.problems)}",
+                          CheckpointWarning, stacklevel=3)
+        return None
+
+
+class BackgroundWriter:
+    """Runs one write at a time on a thread; its error is raised by the next :meth:`wait`/submit.
+
+    The thread is not a daemon: an interpreter exiting normally finishes the write first.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(job,), name="distrain-ckpt-writer")
+        self._thread.start()
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as error:  # kept for the caller: a background error is never lost
+            self._error = error
+
+    def wait(self) -> None:
+        """Join the write in flight, if any; raise its error (once) as a CheckpointError."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            if isinstance(error, CheckpointError):
+                raise CheckpointError(f"background checkpoint write failed: {error}") from error
+            raise CheckpointError(f"background checkpoint write failed: {error!r}") from error
