@@ -92,7 +92,7 @@ class Context:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        cleanup()
+        cleanup(synchronize=exc_type is None)
 
 
 def resolve_backend(requested: str, *, cuda_available: bool) -> str:
@@ -203,12 +203,19 @@ def on_cleanup(method: Callable[[], Any]) -> None:
     _before_cleanup.append(weakref.WeakMethod(method))
 
 
-def cleanup() -> None:
+FINAL_BARRIER_SECONDS = 60.0
+
+
+def cleanup(*, synchronize: bool | None = None) -> None:
     """Finish pending writes, release DDP/FSDP state, synchronise, destroy the group. Idempotent.
 
-    Safe after an exception and from any rank order; a rank whose peers are gone skips the
-    barrier rather than hang.
+    ``synchronize`` (default: unless an exception is on its way out) waits for every rank before
+    the group goes. A failing rank must not enter a collective its healthy peers are not in, and
+    a rank whose peers are gone must not hang: on gloo the wait is a ``monitored_barrier`` bounded
+    by ``FINAL_BARRIER_SECONDS``.
     """
+    if synchronize is None:
+        synchronize = sys.exc_info()[0] is None and not hasattr(sys, "last_value")
     pending, _before_cleanup[:] = list(_before_cleanup), []
     for ref in pending:
         method = ref()
@@ -221,10 +228,13 @@ def cleanup() -> None:
     gc.collect()
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if sys.exc_info()[0] is None:
+    if synchronize:
         # A peer that already exited or failed leaves nothing to wait for.
         with contextlib.suppress(Exception):
-            dist.barrier()
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=timedelta(seconds=FINAL_BARRIER_SECONDS))
+            else:
+                dist.barrier()
     dist.destroy_process_group()
     gc.collect()
 

@@ -178,3 +178,14 @@ def test_autocast_and_scaler_on_cpu() -> None:
         out = nn.Linear(4, 4)(torch.randn(2, 4))
     assert out.dtype == torch.bfloat16
     assert not ddp.grad_scaler(ctx).is_enabled()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_cleanup_after_an_exception_neither_hangs_nor_aborts(method: str) -> None:
+    result = distrain("launch", "--start-method", method, "--nproc-per-node", "2",
+                      str(REPO / "tests" / "scripts" / "cleanup_after_error.py"))
+    assert result.returncode == 1
+    summary = result.stderr.split("distrain: the job failed", 1)[1]
+    assert "rank 1" in summary and "ValueError: rank 1 fails after a step" in summary
+    assert "terminate called" not in result.stdout + result.stderr
