@@ -10,17 +10,16 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-WATCHED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-               "OMP_NUM_THREADS", "TORCHELASTIC_RUN_ID")
-
 
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
-    env_before = {k: os.environ.get(k) for k in WATCHED_ENV}
+    env_before = dict(os.environ)
     threads_before = {t.ident for t in threading.enumerate()}
     yield
-    env_after = {k: os.environ.get(k) for k in WATCHED_ENV}
-    assert env_after == env_before, f"test leaked environment variables: {env_after}"
+    env_after = dict(os.environ)
+    changed = {k for k in env_before.keys() | env_after.keys()
+               if env_before.get(k) != env_after.get(k) and k != "PYTEST_CURRENT_TEST"}
+    assert not changed, f"test changed environment variables: {sorted(changed)}"
     import torch.distributed as dist
 
     assert not (dist.is_available() and dist.is_initialized()), "test left a process group"

@@ -98,7 +98,9 @@ def launch_environ(config: LaunchConfig) -> dict[str, str]:
       ("Gloo connectFullMesh failed ... Connection refused"; real torchrun 2.14 does this).
       Without sharing, every attempt gets a fresh store.
     """
-    changes = {}
+    # What the agent exports before it starts workers; set here too so that workers forked
+    # from a server started earlier see it (environment parity with torchrun).
+    changes = {"TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT"}
     threads = default_omp_num_threads(config.nproc_per_node)
     if threads is not None:
         changes["OMP_NUM_THREADS"] = threads
@@ -109,17 +111,18 @@ def launch_environ(config: LaunchConfig) -> dict[str, str]:
 
 @contextlib.contextmanager
 def scoped_environ(changes: dict[str, str]) -> Iterator[None]:
-    """Set ``changes`` in ``os.environ`` for the duration of the launch, then restore."""
-    previous = {key: os.environ.get(key) for key in changes}
+    """Set ``changes`` in ``os.environ`` for the launch; afterwards restore it exactly.
+
+    The agent also writes to ``os.environ`` (``TORCHELASTIC_SIGNALS_TO_HANDLE``); a Python
+    caller of ``launch``/``run`` must not inherit that.
+    """
+    saved = dict(os.environ)
     os.environ.update(changes)
     try:
         yield
     finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @contextlib.contextmanager
