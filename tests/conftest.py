@@ -11,14 +11,23 @@ import psutil
 import pytest
 
 
+# What launchers and process groups read or write; libraries may set their own caches freely.
+WATCHED_PREFIXES = ("RANK", "LOCAL_", "WORLD_SIZE", "GROUP_", "ROLE_", "MASTER_", "TORCHELASTIC_",
+                    "PET_", "OMP_NUM_THREADS", "TORCH_DISABLE_SHARE", "CUDA_VISIBLE_DEVICES",
+                    "DISTRAIN_", "RAY_ADDRESS")
+
+
+def _watched_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(WATCHED_PREFIXES)}
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
-    env_before = dict(os.environ)
+    env_before = _watched_env()
     threads_before = {t.ident for t in threading.enumerate()}
     yield
-    env_after = dict(os.environ)
-    changed = {k for k in env_before.keys() | env_after.keys()
-               if env_before.get(k) != env_after.get(k) and k != "PYTEST_CURRENT_TEST"}
+    env_after = _watched_env()
+    changed = {k for k in env_before.keys() | env_after.keys() if env_before.get(k) != env_after.get(k)}
     assert not changed, f"test changed environment variables: {sorted(changed)}"
     import torch.distributed as dist
 

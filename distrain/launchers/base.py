@@ -22,14 +22,14 @@ class Launcher(ABC):
         """Run the job described by ``config``; never leaves a worker process behind."""
 
 
-def is_teardown_abort(exitcode: int, signal_name: str | None, log_tail: str) -> bool:
+def is_teardown_abort(exitcode: int, signal_name: str | None, log_text: str) -> bool:
     """The gloo teardown abort: SIGABRT with C++'s terminate message and no Python traceback.
 
     A script that raised shows a traceback; one that returned and then aborted during
     interpreter finalization shows only the terminate line. The run still counts as failed.
     """
     aborted = exitcode == SIGABRT_EXIT or signal_name == "SIGABRT"
-    return aborted and TEARDOWN_ABORT_LINE in log_tail and not _TRACEBACK.search(log_tail)
+    return aborted and TEARDOWN_ABORT_LINE in log_text and not _TRACEBACK.search(log_text)
 
 
 def tail_text(text: str, lines: int = 20) -> str:

@@ -228,14 +228,14 @@ def _describe_failure(rank: int, failure: Any, attempt_dir: Path | None) -> Rank
     signal_name = failure.signal_name() if failure.exitcode < 0 else None
     if signal_name == "<N/A>":
         signal_name = None
-    log_tail = ""
+    log_text = ""
     if attempt_dir is not None:
         for stream in ("stderr.log", "stdout.log"):
             with contextlib.suppress(OSError):
-                path = attempt_dir / str(failure.local_rank) / stream
-                log_tail = tail_text(path.read_text(errors="replace"))
-            if log_tail:
+                log_text = (attempt_dir / str(failure.local_rank) / stream).read_text(errors="replace")
+            if log_text.strip():
                 break
+    log_tail = tail_text(log_text)
     message = failure.message if isinstance(failure.message, str) else ""
     if not log_tail and message and not message.startswith(("Signal", "To enable traceback")):
         log_tail = tail_text(message)
@@ -246,5 +246,6 @@ def _describe_failure(rank: int, failure: Any, attempt_dir: Path | None) -> Rank
         signal=signal_name,
         node=os.uname().nodename,
         log_tail=log_tail,
-        teardown_abort=is_teardown_abort(failure.exitcode, signal_name, log_tail),
+        # the whole log: a fatal-error dump can push an earlier traceback out of the tail
+        teardown_abort=is_teardown_abort(failure.exitcode, signal_name, log_text or log_tail),
     )
