@@ -14,6 +14,10 @@
 and learns whether rank 0 succeeded). ``state_dict()`` of the objects is called on rank 0 only:
 under DDP every rank holds the same model and optimizer. Every rank reads the checkpoint files
 itself, so several nodes need the root on a shared filesystem.
+
+With an FSDP-wrapped model (or ``sharded=True``) every rank writes its own shard instead, through
+``torch.distributed.checkpoint`` (:mod:`distrain.ckpt.sharded`); ``load_latest`` reads either
+kind into either kind of run (sharded into DDP, full into FSDP, on any world size).
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ import torch
 import torch.distributed as dist
 
 import distrain
+from distrain.ckpt.convert import gather_full, is_fsdp, original_class, restore_full
+from distrain.ckpt.sharded import STORAGE, ShardedSaver
+from distrain.ckpt.sharded import load as load_sharded
 from distrain.ckpt.state import (
     JSON_FILE,
     RNG_FILE,
@@ -48,6 +55,7 @@ from distrain.ckpt.store import (
     BackgroundWriter,
     CheckpointError,
     CheckpointStore,
+    Staging,
     check_retention,
     read_manifest,
     verify,
@@ -65,6 +73,8 @@ class Checkpointer:
     keep every checkpoint whose step is a multiple of it. ``async_save``: ``save`` only copies
     the state to CPU memory and returns; a background thread writes it (one save in flight at
     most; ``wait()``, the next ``save`` and ``distrain.ddp.cleanup()`` join it and raise its error).
+    ``sharded``: write sharded checkpoints (every rank its shard, through DCP); None (default):
+    sharded when a saved model is FSDP-wrapped, full (rank 0 writes) otherwise.
     """
 
     def __init__(
@@ -74,8 +84,14 @@ class Checkpointer:
         keep_last: int | None = 3,
         keep_every: int | None = None,
         async_save: bool = False,
+        sharded: bool | None = None,
     ) -> None:
         check_retention(keep_last, keep_every)
+        if sharded is not None and not isinstance(sharded, bool):
+            raise ConfigError("sharded", sharded, "True, False or None (sharded when the model is FSDP)",
+                              "e.g. sharded=None")
+        self.sharded = sharded
+        self._sharded = ShardedSaver()
         self.store = CheckpointStore(root)
         self.ctx = ctx
         self.keep_last = keep_last
@@ -90,6 +106,7 @@ class Checkpointer:
         from distrain.ddp import on_cleanup
 
         on_cleanup(self.wait)
+        on_cleanup(self._sharded.wait)  # also when this Checkpointer is gone before its write
 
     @property
     def root(self) -> Path:
@@ -110,17 +127,22 @@ class Checkpointer:
             raise ConfigError("objects", "none", "at least one object to save",
                               "e.g. ckpt.save(step, model=model, optimizer=optimizer)")
         kinds = {name: kind_of(name, obj) for name, obj in objects.items()}
+        fsdp = any(is_fsdp(obj) for obj in objects.values())
+        if self.sharded or (self.sharded is None and fsdp):
+            self._sharded.save(self, step, objects, kinds)
+            return
         error: BaseException | None = None
         if self.ctx.is_main:
             try:
                 self._writer.wait()
             except CheckpointError as failed:
                 error = failed
+        gathered = gather_full(objects, kinds) if fsdp else {}  # a collective: every rank
         rngs = self._gather_rng()
         job: Callable[[], None] | None = None
         if self.ctx.is_main and error is None:
             try:
-                job = self._prepare(step, objects, kinds, rngs)
+                job = self._prepare(step, objects, kinds, rngs, gathered=gathered)
             except Exception as failed:
                 error = failed
         self._raise_everywhere(error, step)
@@ -136,14 +158,23 @@ class Checkpointer:
         self._raise_everywhere(error, step)  # also the barrier: no rank runs ahead of the write
 
     def wait(self) -> None:
-        """Finish the background write in flight (rank 0) and raise its error, if any."""
-        if self.ctx.is_main:
-            self._writer.wait()
+        """Finish the background write in flight and raise its error, if any."""
+        try:
+            self._sharded.wait()
+        finally:
+            if self.ctx.is_main:
+                self._writer.wait()
 
     def _prepare(
-        self, step: int, objects: dict[str, Any], kinds: dict[str, str], rngs: list[Any]
-    ) -> Callable[[], None]:
-        """Take the state now (CPU copies when async: the only stall); return the write job."""
+        self, step: int, objects: dict[str, Any], kinds: dict[str, str], rngs: list[Any], *,
+        checkpoint_kind: str = "full", gathered: dict[str, Any] | None = None,
+        elsewhere: dict[str, dict[str, str]] | None = None,
+    ) -> Callable[..., None]:
+        """Take the state now (CPU copies when async: the only stall); return the write job.
+
+        ``gathered``: states already collected (FSDP gathered in full); ``elsewhere``: manifest
+        records of objects the job does not write (the sharded path's DCP files).
+        """
         states: dict[str, Any] = {}
         values: dict[str, Any] = {}
         described: dict[str, dict[str, str]] = {}
@@ -153,12 +184,15 @@ class Checkpointer:
                 values[name] = json.loads(json.dumps(obj))
                 described[name] = {"type": kind, "file": JSON_FILE, "class": class_name(obj)}
             else:
-                states[name] = snapshot(state_of(obj, kind), copy=self.async_save, where=name)
-                described[name] = {"type": kind, "file": f"{name}.pt", "class": class_name(obj)}
+                fresh = gathered is not None and name in gathered  # gathered: a private copy
+                state = gathered[name] if gathered is not None and fresh else state_of(obj, kind)
+                states[name] = snapshot(state, copy=self.async_save and not fresh, where=name)
+                described[name] = {"type": kind, "file": f"{name}.pt", "class": original_class(obj)}
+        described.update(elsewhere or {})
         rng = {"world_size": self.ctx.world_size, "ranks": rngs}
         now = datetime.datetime.now(datetime.timezone.utc)
         meta = {
-            "kind": "full",
+            "kind": checkpoint_kind,
             "world_size": self.ctx.world_size,
             "time": now.isoformat(timespec="seconds"),
             "hostname": socket.gethostname(),
@@ -170,12 +204,18 @@ class Checkpointer:
         return functools.partial(self._write, step, states, values, rng, meta)
 
     def _write(self, step: int, states: dict[str, Any], values: dict[str, Any],
-               rng: dict[str, Any], meta: dict[str, Any]) -> None:
+               rng: dict[str, Any], meta: dict[str, Any], *, staging: Staging | None = None,
+               before: Callable[[Staging], None] | None = None) -> None:
+        """Write the files, commit, point ``latest`` at it, apply retention. The sharded path
+        passes the ``staging`` its ranks wrote into and ``before``, which records their files."""
+        if staging is None:
+            try:
+                staging = self.store.stage(step)
+            except OSError as error:
+                raise self._write_error(step, error) from error
         try:
-            staging = self.store.stage(step)
-        except OSError as error:
-            raise self._write_error(step, error) from error
-        try:
+            if before is not None:
+                before(staging)
             for name, state in states.items():
                 staging.write_file(f"{name}.pt", functools.partial(_torch_save, state))
             staging.write_file(RNG_FILE, functools.partial(_torch_save, rng))
@@ -262,10 +302,10 @@ class Checkpointer:
             checked = verify(path, hashes=False)
             if not checked.ok:
                 raise CheckpointError(f"checkpoint {path}: {'; '.join(checked.problems)}")
-        if manifest.get("kind") != "full":
+        if manifest.get("kind") not in ("full", "sharded"):
             raise CheckpointError(
-                f"checkpoint {path} is a {manifest.get('kind')!r} checkpoint; this Checkpointer "
-                "reads 'full' ones (use the same model wrapping as the run that wrote it)")
+                f"checkpoint {path} is a {manifest.get('kind')!r} checkpoint; this distrain reads "
+                "'full' and 'sharded' ones (upgrade distrain)")
         saved: dict[str, dict[str, str]] = manifest["objects"]
         missing = sorted(set(objects) - set(saved))
         if missing:
@@ -273,17 +313,25 @@ class Checkpointer:
                 f"checkpoint {path} holds no {', '.join(missing)}; it holds {', '.join(sorted(saved))}")
         values: dict[str, Any] = json.loads((path / JSON_FILE).read_text())
         states: dict[str, Any] = {}
-        for name in objects:  # load everything before changing anything
+        in_shards = {name for name in objects if saved[name].get("storage") == STORAGE}
+        for name in objects:  # load every file before changing anything
             saved_kind = saved[name]["type"]
             if (saved_kind == "json") != (kinds[name] == "json"):
                 raise CheckpointError(
                     f"checkpoint {path}: {name} was saved as {saved_kind}, cannot restore it "
                     f"into a {type(objects[name]).__name__}")
-            states[name] = (values[name] if saved_kind == "json"
-                            else safe_load(path / saved[name]["file"], map_location=self.ctx.device))
+            if name not in in_shards:
+                states[name] = (values[name] if saved_kind == "json" else
+                                safe_load(path / saved[name]["file"], map_location=self.ctx.device))
         rng = safe_load(path / RNG_FILE, map_location="cpu")
+        if in_shards:  # models and optimizers of a sharded checkpoint: read through DCP
+            load_sharded(self.ctx, path, manifest, objects, kinds, in_shards)
+        done = in_shards
+        if any(is_fsdp(obj) for obj in objects.values()):  # full states into sharded models
+            done = done | restore_full(objects, kinds, states)
         for name, obj in objects.items():
-            restore_object(name, obj, saved[name]["type"], states[name])
+            if name not in done:
+                restore_object(name, obj, saved[name]["type"], states[name])
         step = int(manifest["step"])
         restore_rank_rng(rng, rank=self.ctx.rank, step=step)
         self.values = values

@@ -6,15 +6,19 @@
     distrain ckpt inspect runs/x/ckpt/step-00001200   # metadata, objects, tensor shapes/dtypes
     distrain ckpt verify runs/x/ckpt                  # every checkpoint; exit 1 naming a bad file
     distrain ckpt export runs/x/ckpt --out model.pt   # bare model weights (a plain state dict)
+    distrain ckpt consolidate runs/x/ckpt --out model.pt  # the same; says it for sharded checkpoints
 
 A PATH may be one checkpoint directory or a root holding ``step-*`` directories (``inspect`` and
 ``export`` then take the newest valid one). Exit codes: 0 fine, 1 a checkpoint failed
 verification or could not be read safely, 2 bad input. Every command reads only the manifest,
 JSON and ``torch.load(weights_only=True)``: inspecting an untrusted checkpoint runs no code.
 
-Each subcommand is one row of :data:`COMMANDS` (arguments + handler); a checkpoint kind other
-than ``"full"`` (sharded, written through ``torch.distributed.checkpoint``) adds its own rows
-(``consolidate``) and is recognised from the manifest's ``kind`` field by the others.
+Each subcommand is one row of :data:`COMMANDS` (arguments + handler). Every command reads both
+kinds of checkpoint, told apart by the manifest's ``kind``: ``"full"`` (rank 0 wrote ``.pt``
+files) and ``"sharded"`` (every rank wrote its shard through ``torch.distributed.checkpoint``;
+read with :mod:`distrain.ckpt.dcp_io`, which unpickles nothing but DCP's own metadata classes).
+``consolidate`` (an alias of ``export``) assembles whole tensors from the shards with no process
+group, and writes one plain state dict.
 """
 
 from __future__ import annotations
@@ -173,23 +177,49 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"  {key}: {manifest.get(key, '?')}")
     print(f"  files: {len(manifest.get('files', {}))}, {_size(_total_size(manifest))}")
     print(f"  valid: {'yes' if result.ok else 'NO: ' + '; '.join(result.problems)}")
-    if manifest.get("kind") != "full":
-        for name, record in sorted(manifest.get("files", {}).items()):
-            print(f"    {name}  {_size(record['size'])}")
-        return 0 if result.ok else EXIT_BAD_CHECKPOINT
+    described = {}
+    if manifest.get("kind") == "sharded":
+        from distrain.ckpt.dcp_io import describe, read_metadata, shard_names
+
+        shards = shard_names(manifest)
+        print(f"  shards: {len(shards)} ({', '.join(shards)}), written by {manifest.get('world_size')} "
+              "ranks; loads on any number of ranks")
+        if not result.ok:  # the metadata is only unpickled (safely) from a verified checkpoint
+            return EXIT_BAD_CHECKPOINT
+        described = describe(read_metadata(path, shards))
     import json
 
     values = json.loads((path / "extra.json").read_text())
     print("  objects:")
     for name, record in manifest.get("objects", {}).items():
-        print(f"  - {name}: {record['type']} {record['class']} ({record['file']})")
+        where = "shards" if record.get("storage") == "dcp" else record["file"]
+        print(f"  - {name}: {record['type']} {record['class']} ({where})")
         if record["type"] == "json":
             text = json.dumps(values.get(name))
             print(f"    value: {text if len(text) <= 200 else text[:200] + ' ...'}")
+        elif record.get("storage") == "dcp":
+            print("\n".join(_describe_sharded(described.get(name, []), module=record["type"] == "module")))
         else:
             state = safe_load(path / record["file"], map_location="cpu")
             print("\n".join(_describe_state(state, module=record["type"] == "module")))
     return 0 if result.ok else EXIT_BAD_CHECKPOINT
+
+
+def _describe_sharded(entries: list[tuple[str, str, int, int]], *, module: bool) -> list[str]:
+    """Global shapes (as if unsharded) and how many pieces each tensor is split into."""
+    tensors = [e for e in entries if e[1] != "value"]
+    lines = [f"    {'parameters' if module else 'tensors'}: {sum(e[2] for e in tensors):,} in "
+             f"{len(tensors)} tensors (global shapes; pieces = shards holding a part)"]
+    if not module:
+        values = [e[0] for e in entries if e[1] == "value"]
+        lines.append(f"    values: {len(values)}")
+    shown = tensors if module else tensors[:8]
+    width = max((len(name) for name, *_ in shown[:MAX_TENSOR_LINES]), default=0)
+    for name, desc, _, chunks in shown[:MAX_TENSOR_LINES]:
+        lines.append(f"      {name.ljust(width)}  {desc}  {chunks} piece{'s' if chunks != 1 else ''}")
+    if len(tensors) > min(len(shown), MAX_TENSOR_LINES):
+        lines.append(f"      ... {len(tensors) - min(len(shown), MAX_TENSOR_LINES)} more tensors")
+    return lines
 
 
 def _is_flat_tensors(state: Any) -> bool:
@@ -255,18 +285,20 @@ def _export(args: argparse.Namespace) -> int:
         _print_verification(result)
         return EXIT_BAD_CHECKPOINT
     manifest = result.manifest or {}
-    if manifest.get("kind") != "full":
-        raise UsageError(f"{path} is a {manifest.get('kind')!r} checkpoint: use "
-                         "distrain ckpt consolidate PATH --out FILE")
     modules = [n for n, r in manifest.get("objects", {}).items() if r["type"] == "module"]
     name = args.name or (modules[0] if len(modules) == 1 else None)
     if name is None or name not in modules:
         raise UsageError(f"--name={args.name!r}: expected one of the saved modules "
                          f"({', '.join(modules) or 'none'})")
-    state = safe_load(path / manifest["objects"][name]["file"], map_location="cpu")
     out = Path(args.out)
     if out.parent and not out.parent.is_dir():
         raise UsageError(f"--out={args.out!r}: its directory does not exist")
+    if manifest["objects"][name].get("storage") == "dcp":  # sharded: whole tensors from the pieces
+        from distrain.ckpt.dcp_io import read_object
+
+        state = read_object(path, manifest, name)
+    else:
+        state = safe_load(path / manifest["objects"][name]["file"], map_location="cpu")
     temp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     torch.save(state, temp)
     os.replace(temp, out)
@@ -280,7 +312,6 @@ def _export(args: argparse.Namespace) -> int:
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
-# A sharded checkpoint kind adds its rows here (e.g. "consolidate": sharded -> one model.pt).
 COMMANDS: dict[str, Command] = {
     "ls": ("list checkpoints: step, time, size, kind, valid?", _ls_args, _ls),
     "inspect": ("metadata, objects, tensor shapes and dtypes, parameter count",
@@ -288,6 +319,8 @@ COMMANDS: dict[str, Command] = {
     "verify": ("check sizes and sha256 of every file; exit 1 naming a bad one",
                _verify_args, _verify),
     "export": ("write the bare model weights (a plain state dict)", _export_args, _export),
+    "consolidate": ("merge a sharded checkpoint's shards into one plain state dict (model weights)",
+                    _export_args, _export),
 }
 
 
