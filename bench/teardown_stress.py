@@ -85,7 +85,7 @@ def variants(runs: int, side_runs: int, ray_address: str | None) -> dict[str, Va
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=200, help="runs of the main DDP variant")
+    parser.add_argument("--runs", type=int, default=200, help="runs of DDP and of raw torchrun")
     parser.add_argument("--side-runs", type=int, default=50, help="runs of FSDP, atexit, Ray, fixed")
     parser.add_argument("--only", default="", help="comma-separated variants")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray variant")

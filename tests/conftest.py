@@ -10,7 +10,6 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-
 # What launchers and process groups read or write; libraries may set their own caches freely.
 WATCHED_PREFIXES = ("RANK", "LOCAL_", "WORLD_SIZE", "GROUP_", "ROLE_", "MASTER_", "TORCHELASTIC_",
                     "PET_", "OMP_NUM_THREADS", "TORCH_DISABLE_SHARE", "CUDA_VISIBLE_DEVICES",
