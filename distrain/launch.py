@@ -304,7 +304,10 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         raise ConfigError("--launcher", args.launcher, " or ".join(LAUNCHERS), "use --launcher local")
     min_nodes, max_nodes = parse_nnodes(str(args.nnodes))
     nproc = parse_nproc_per_node(
-        str(args.nproc_per_node), cuda_count=_cuda_count(), cpu_count=os.cpu_count() or 1
+        str(args.nproc_per_node),
+        # Only auto/gpu need CUDA: importing torch costs seconds the Ray launcher never needs.
+        cuda_count=_cuda_count() if str(args.nproc_per_node) in ("auto", "gpu") else 0,
+        cpu_count=os.cpu_count() or 1,
     )
     if args.rdzv_backend not in RDZV_BACKENDS:
         raise ConfigError(
