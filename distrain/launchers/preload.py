@@ -27,6 +27,7 @@ import multiprocessing.context
 import multiprocessing.forkserver
 import os
 import runpy
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -50,6 +51,7 @@ def run_script(script: str, args: Sequence[str], module: bool) -> None:
         sys.path[0:1] = [os.getcwd()]
     else:
         sys.path[0:1] = [os.path.dirname(os.path.abspath(script))]
+    stop_signals = _watch_signals()
     try:
         if module:
             runpy.run_module(script, run_name="__main__", alter_sys=True)
@@ -63,6 +65,40 @@ def run_script(script: str, args: Sequence[str], module: bool) -> None:
         _finish()
         raise
     _finish()
+    _leave_if_stopped(stop_signals)
+
+
+def _watch_signals() -> int:
+    """A pipe Python writes the number of every handled signal to (``signal.set_wakeup_fd``)."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+    signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    # Processes the script forks (DataLoader workers) must not report their signals as ours.
+    os.register_at_fork(after_in_child=_forget_wakeup_fd)
+    return read_end
+
+
+def _forget_wakeup_fd() -> None:
+    with contextlib.suppress(ValueError):  # forked from a thread other than the main one
+        signal.set_wakeup_fd(-1)
+
+
+def _leave_if_stopped(read_end: int) -> None:
+    """Exit now (128 + signal) if the script handled SIGTERM/SIGINT and then returned normally.
+
+    The launcher sends SIGTERM only when it stops the group (a preemption, a failed peer). Its
+    agent then waits for the workers to exit, while a function-entrypoint worker that returns
+    waits for the agent to collect its return value: a script that saves a checkpoint on
+    SIGTERM and returns would sit there until ``--term-timeout`` ran out and be SIGKILLed.
+    """
+    try:
+        received = os.read(read_end, 4096)
+    except (BlockingIOError, OSError):
+        received = b""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        if bytes([signum]) in received:
+            os._exit(128 + signum)
 
 
 def _print_traceback(error: BaseException) -> None:

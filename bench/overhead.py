@@ -1,0 +1,113 @@
+"""Overhead: training steps/s under distrain vs a hand-written DDP loop under torchrun.
+
+    python bench/overhead.py                # 5 interleaved repetitions of each side
+    python bench/overhead.py --reps 7 --scale 0.5
+
+Three sides, each a real 2-rank launch, each timing the same steps of the same workloads
+(bench/workers/workloads.py: the digits CNN, and a 2.9 M-parameter MLP) after a warm-up:
+
+* ``distrain``: ``distrain launch`` (default fast start) of a loop using ``ddp.wrap``,
+  ``build_loader``, ``TBLogger`` + ``train_scalars`` every 10 steps and ``StepTimer``;
+* ``distrain-spawn``: the same with ``--start-method spawn`` (fresh interpreters, as torchrun):
+  forked workers must train as fast as spawned ones;
+* ``torchrun``: real ``torchrun`` of a hand-written loop (``init_process_group``, DDP,
+  ``DistributedSampler``, tensorboardX on rank 0).
+
+Ratios are medians over repetitions of per-repetition ratios (interleaved, so a load spike on
+this shared machine hits neighbouring runs alike). Goals: distrain / torchrun >= 0.99 and
+fast start / spawn >= 0.99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+if not __package__:  # run as a script: python bench/overhead.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import (
+    WORKERS,
+    distrain_cmd,
+    goal_mark,
+    interleave,
+    load_note,
+    median,
+    run,
+    table,
+    torchrun_cmd,
+)
+
+WORKLOADS = ("digits", "mlp")
+GOAL = 0.99
+
+
+def side_commands(out: Path, scale: float) -> dict[str, Callable[[], dict[str, float]]]:
+    """name -> a function running that side once and returning {workload: steps/s}."""
+    distrain_worker = str(WORKERS / "overhead_distrain.py")
+    plain_worker = str(WORKERS / "overhead_plain.py")
+    counter = {"n": 0}
+
+    def runner(argv_of: Callable[[Path], list[str]]) -> Callable[[], dict[str, float]]:
+        def once() -> dict[str, float]:
+            counter["n"] += 1
+            result = out / f"run{counter['n']}.json"
+            run(argv_of(result), timeout=600).check()
+            rates: dict[str, float] = json.loads(result.read_text())
+            return rates
+
+        return once
+
+    worker_args = ("--scale", str(scale))
+    return {
+        "distrain": runner(lambda r: distrain_cmd("--nproc-per-node", "2", distrain_worker, "--out", str(r),
+                                                  *worker_args)),
+        "distrain-spawn": runner(lambda r: distrain_cmd("--nproc-per-node", "2", "--start-method", "spawn",
+                                                        distrain_worker, "--out", str(r), *worker_args)),
+        "torchrun": runner(lambda r: torchrun_cmd("--nproc-per-node", "2", plain_worker, "--out", str(r),
+                                                  *worker_args)),
+    }
+
+
+def run_bench(reps: int = 5, *, scale: float = 1.0) -> dict[str, Any]:
+    """Measure; print the table; return the numbers."""
+    out = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    note_before = load_note()
+    try:
+        raw: dict[str, list[dict[str, float]]] = interleave(reps, side_commands(out, scale))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    rows, results = [], {}
+    for workload in WORKLOADS:
+        rate = {name: [r[workload] for r in runs] for name, runs in raw.items()}
+        vs_torchrun = median([d / t for d, t in zip(rate["distrain"], rate["torchrun"])])
+        vs_spawn = median([d / s for d, s in zip(rate["distrain"], rate["distrain-spawn"])])
+        results[workload] = {"steps_per_s": {k: [round(x, 2) for x in v] for k, v in rate.items()},
+                             "ratio_vs_torchrun": round(vs_torchrun, 3), "ratio_vs_spawn": round(vs_spawn, 3)}
+        rows.append([workload, median(rate["distrain"]), median(rate["distrain-spawn"]),
+                     median(rate["torchrun"]), vs_torchrun, goal_mark(vs_torchrun, GOAL, at_most=False),
+                     vs_spawn, goal_mark(vs_spawn, GOAL, at_most=False)])
+    note = f"{note_before} before, {load_note()} after"
+    print(table(f"Overhead: steps/s, 2 ranks, median of {reps} interleaved repetitions ({note})",
+                ["workload", "distrain", "distrain spawn", "torchrun loop", "distrain/torchrun", "goal",
+                 "fast/spawn", "goal"], rows), flush=True)
+    return {"reps": reps, "scale": scale, "load": note, "workloads": results}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=5, help="repetitions of each side (median)")
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the timed steps")
+    args = parser.parse_args(argv)
+    run_bench(args.reps, scale=args.scale)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

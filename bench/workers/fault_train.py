@@ -1,0 +1,133 @@
+"""The training run the fault trials interrupt (bench/fault_trials.py, tests/test_fault_trials.py).
+
+A dropout MLP under DDP on a shuffled resumable loader, SGD with momentum and a step schedule;
+every rank draws its own dropout masks, so restoring a wrong RNG state or batch shows in the
+weights. It resumes from the newest checkpoint in ``--ckpt``, saves every ``--save-every`` steps
+(``--async-save``: in the background) and at the end, and on rank 0 writes ``final.pt`` (model +
+optimizer state) into ``--out``. What the harness needs to aim its faults:
+
+* ``out/pids/attempt<A>-rank<R>`` (written atomically when the rank starts) hold the pid;
+* SIGTERM (the launcher forwards it on preemption) sets a flag; all ranks agree on it at the next
+  step (one tiny all-reduce per step), save a checkpoint there, write ``out/preempted`` and exit;
+* ``--hang-rank R --hang-at N`` makes rank R block forever before step N's collective (a stuck
+  rank): the others must fail by the collective timeout ``--timeout`` (``ddp.init(timeout=...)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from distrain import ddp
+from distrain.ckpt import Checkpointer
+from distrain.data import build_loader
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """A reader (the harness) sees the whole file or none: write aside, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}")
+    temp.write_text(text)
+    os.replace(temp, path)
+
+
+class StopFlag:
+    """SIGTERM sets it; :meth:`agreed` is True on every rank at the same step once any rank has it."""
+
+    def __init__(self, *, install: bool = True) -> None:
+        self.requested = False
+        if install:
+            signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--save-every", type=int, default=2)
+    parser.add_argument("--async-save", action="store_true")
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--width", type=int, default=512, help="hidden width (checkpoint size)")
+    parser.add_argument("--timeout", type=float, default=None, help="collective timeout, seconds")
+    parser.add_argument("--hang-rank", type=int, default=None)
+    parser.add_argument("--hang-at", type=int, default=None)
+    args = parser.parse_args()
+
+    # A stuck rank keeps SIGTERM's default (die at once), as a script without handlers would.
+    stop = StopFlag(install=args.hang_rank is None)
+    ctx = ddp.init(timeout=args.timeout)
+    out = Path(args.out)
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    write_atomic(out / "pids" / f"attempt{attempt}-rank{ctx.rank}", str(os.getpid()))
+
+    torch.manual_seed(1000 + ctx.rank)  # each rank its own dropout stream
+    data = torch.Generator().manual_seed(0)
+    dataset = TensorDataset(torch.randn(256, 64, generator=data), torch.randint(0, 8, (256,), generator=data))
+    loader = build_loader(dataset, ctx, batch_size=8, shuffle=True, seed=3, num_workers=0)
+    model = ddp.wrap(nn.Sequential(nn.Linear(64, args.width), nn.ReLU(), nn.Dropout(0.3),
+                                   nn.Linear(args.width, args.width), nn.ReLU(), nn.Dropout(0.3),
+                                   nn.Linear(args.width, 8)), ctx)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=20, gamma=0.7)
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "loader": loader}
+    ckpt = Checkpointer(args.ckpt, ctx, keep_last=2, async_save=args.async_save)
+    step = ckpt.load_latest(**state) or 0
+    if step:
+        ddp.print0(f"resumed from step {step}")
+
+    epoch = loader.epoch
+    while step < args.steps:
+        loader.set_epoch(epoch)
+        for x, y in loader:
+            if ctx.rank == args.hang_rank and step + 1 == args.hang_at:
+                write_atomic(out / "hang.json", json.dumps({"rank": ctx.rank, "time": time.time()}))
+                threading.Event().wait()  # stuck: never reaches the next collective
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if stop.agreed():
+                ckpt.save(step, **state)
+                ckpt.wait()
+                if ctx.is_main:
+                    write_atomic(out / "preempted", json.dumps({"step": step, "time": time.time()}))
+                ddp.cleanup()
+                return
+            if step % args.save_every == 0 or step == args.steps:
+                ckpt.save(step, **state)
+            if step >= args.steps:
+                break
+        epoch += 1
+    ckpt.wait()
+    if ctx.is_main:
+        final = {"model": ddp.unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
+        temp = out / f".final.{os.getpid()}"
+        torch.save(final, temp)
+        os.replace(temp, out / "final.pt")
+    ddp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Overhead benchmark, distrain side: the workloads with ddp.wrap, build_loader, TBLogger, StepTimer.
+
+The loop is the one examples/digits_ddp.py runs (minus evaluation and the progress bar): every
+step through the resumable loader and the step timer, every 10th step the standard scalars
+(loss mean over ranks, lr, throughput, grad norm) into TensorBoard on rank 0. Rank 0 writes
+``{"<workload>": steps_per_s, ...}`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from distrain import ddp
+from distrain.data import build_loader
+from distrain.logging import StepTimer, TBLogger, grad_norm, train_scalars
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workloads import WORKLOADS, build  # the same models and data as the plain loop
+
+
+def measure(name: str, ctx: ddp.Context, log_dir: Path, scale: float) -> float:
+    work = build(name, scale=scale)
+    loader = build_loader(work.dataset, ctx, batch_size=work.batch_size, seed=0, num_workers=0)
+    model = ddp.wrap(work.model, ctx)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    timer = StepTimer(ctx)
+    step, epoch, start = 0, 0, 0.0
+    with TBLogger(log_dir / name, ctx) as tb:
+        while step < work.warmup + work.steps:
+            loader.set_epoch(epoch)
+            for x, y in timer.wrap(loader):
+                loss = F.cross_entropy(model(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                step += 1
+                timer.lap(len(y))
+                if step % 10 == 0:
+                    tb.scalars(train_scalars(ctx, loss=loss, lr=optimizer.param_groups[0]["lr"],
+                                             epoch=epoch, stats=timer.window(),
+                                             grad_norm=grad_norm(model)), step)
+                if step == work.warmup:
+                    start = time.perf_counter()
+                if step == work.warmup + work.steps:
+                    break
+            epoch += 1
+        elapsed = time.perf_counter() - start
+    return work.steps / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--scale", type=float, default=1.0)
+    args = parser.parse_args()
+    ctx = ddp.init()
+    out = Path(args.out)
+    rates = {name: measure(name, ctx, out.parent / f"tb-{out.stem}", args.scale)
+             for name in args.workloads.split(",")}
+    if ctx.is_main:
+        out.write_text(json.dumps(rates | {"threads": torch.get_num_threads()}))
+    ddp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

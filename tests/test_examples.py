@@ -1,0 +1,110 @@
+"""Every example runs, for real: ``distrain launch`` with 2 processes (or plain python), tiny settings.
+
+The digits example runs with its defaults and must reach 0.95 test accuracy. The plain torchrun
+script (no distrain import) must print the same numbers under ``torchrun``, ``distrain launch``
+and ``distrain launch --launcher ray``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import PYTHON, REPO, assert_ok, distrain, run_cmd, torchrun
+
+EXAMPLES = REPO / "examples"
+
+
+def example(name: str) -> str:
+    return str(EXAMPLES / name)
+
+
+def launch2(*args: str, timeout: float = 150) -> str:
+    """``distrain launch --nproc-per-node 2 ARGS``; returns stdout + stderr after checking rc 0."""
+    result = distrain("launch", "--nproc-per-node", "2", *args, timeout=timeout)
+    assert_ok(result)
+    return result.stdout + result.stderr
+
+
+@pytest.mark.timeout(200)
+def test_digits_with_its_defaults_reaches_095_with_checkpoints_and_logs(tmp_path: Path) -> None:
+    output = launch2(example("digits_ddp.py"), "--run-dir", str(tmp_path), timeout=180)
+    latest = (tmp_path / "ckpt" / "latest").read_text().strip()
+    extra = json.loads((tmp_path / "ckpt" / latest / "extra.json").read_text())["extra"]
+    assert extra["epoch"] == 7, extra  # the default 8 epochs ran
+    assert extra["eval/accuracy"] >= 0.95, f"digits reached only {extra['eval/accuracy']}\n{output[-2000:]}"
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert "[rank0]:epoch 7: step 184" in output
+
+
+@pytest.mark.timeout(150)
+def test_cifar10_tutorial_net_trains_on_fakedata(tmp_path: Path) -> None:
+    output = launch2("--preload", "torchvision", example("cifar10_net.py"), "--fake-size", "64",
+                     "--epochs", "1", "--print-every", "4")
+    losses = [float(v) for v in re.findall(r"\[1,\s+\d+\] loss: ([\d.]+)", output)]
+    assert len(losses) == 2 and all(0 < loss < 5 for loss in losses), output[-2000:]  # 8 batches/rank
+    assert "Finished Training. Accuracy of the network on the test images:" in output
+
+
+@pytest.mark.timeout(180)
+def test_resnet18_trains_a_step_per_rank_and_checkpoints(tmp_path: Path) -> None:
+    output = launch2("--preload", "torchvision", example("resnet18_cifar.py"), "--fake-size", "32",
+                     "--batch-size", "8", "--epochs", "1", "--run-dir", str(tmp_path), timeout=170)
+    assert re.search(r"epoch 0: step 2, train loss [\d.]+, test accuracy [\d.]+, .*amp off", output), \
+        output[-2000:]
+    assert (tmp_path / "ckpt" / "step-00000002" / "scaler.pt").exists()
+
+
+@pytest.mark.timeout(120)
+def test_custom_dataset_is_sharded_and_learns(tmp_path: Path) -> None:
+    output = launch2(example("custom_dataset.py"), "--epochs", "10", "--size", "600")
+    match = re.search(r"held-out accuracy ([\d.]+) \(600 samples, 2 ranks, 6 steps per epoch\)", output)
+    assert match, output[-2000:]  # 600 samples / (2 ranks x 50) = 6 steps: each rank got its half
+    assert float(match.group(1)) > 0.6
+
+
+@pytest.mark.timeout(120)
+def test_dataparallel_single_process_falls_back_to_plain_on_cpu() -> None:
+    result = run_cmd([PYTHON, example("dataparallel_single_node.py"), "--epochs", "1"], timeout=110)
+    assert_ok(result)
+    output = result.stdout + result.stderr
+    assert "0 GPU(s) visible -> DigitsNet (plain module: no GPU to split over)" in output
+    assert "DataParallel asked for but no GPU is visible" in output
+    accuracy = float(re.search(r"test accuracy ([\d.]+) with DigitsNet", output).group(1))  # type: ignore[union-attr]
+    assert accuracy > 0.5
+
+
+PLAIN_ARGS = ("--epochs", "2", "--samples", "512")
+
+
+def numbers(output: str) -> list[str]:
+    """The script's own lines (loss per epoch, accuracy), without launcher prefixes."""
+    lines = [re.sub(r"^\[rank\d+\]:", "", line) for line in output.splitlines()]
+    return [line for line in lines if line.startswith(("epoch ", "accuracy "))]
+
+
+@pytest.fixture(scope="module")
+def plain_under_torchrun() -> list[str]:
+    result = torchrun("--nproc-per-node", "2", example("plain_torchrun_script.py"), *PLAIN_ARGS)
+    assert_ok(result)
+    found = numbers(result.stdout + result.stderr)
+    assert len(found) == 3 and found[-1].startswith("accuracy ") and "on 2 ranks" in found[-1], found
+    return found
+
+
+@pytest.mark.timeout(150)
+def test_plain_torchrun_script_runs_unchanged_under_distrain_launch(plain_under_torchrun: list[str]) -> None:
+    output = launch2(example("plain_torchrun_script.py"), *PLAIN_ARGS)
+    assert numbers(output) == plain_under_torchrun
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(200)
+def test_plain_torchrun_script_runs_unchanged_under_the_ray_launcher(plain_under_torchrun: list[str]) -> None:
+    result = distrain("launch", "--launcher", "ray", "--num-workers", "2",
+                      example("plain_torchrun_script.py"), *PLAIN_ARGS, timeout=180)
+    assert_ok(result)
+    assert numbers(result.stdout + result.stderr) == plain_under_torchrun
