@@ -39,6 +39,9 @@ from bench.common import (
 )
 
 SIZES = (2, 4, 8, 16)
+# What examples/digits_ddp.py imports beyond torch: the optional third side preloads them too.
+DIGITS_PRELOAD = ("sklearn.datasets,tensorboardX,tqdm,distrain.ckpt.checkpointer,distrain.data,"
+                  "distrain.logging")
 FIRST_STEP_GOALS = {2: 1.0, 4: 0.5, 16: 0.25}  # distrain / torchrun, at most
 WORKER = str(WORKERS / "first_step.py")
 
@@ -53,6 +56,8 @@ class Start:
 def launcher_cmd(launcher: str, nproc: int) -> list[str]:
     if launcher == "distrain":
         return distrain_cmd("--nproc-per-node", str(nproc))
+    if launcher == "distrain-preload":
+        return distrain_cmd("--nproc-per-node", str(nproc), "--preload", DIGITS_PRELOAD)
     return torchrun_cmd("--nproc-per-node", str(nproc))
 
 
@@ -72,16 +77,20 @@ def start_once(launcher: str, nproc: int, root: Path, tag: str) -> Start:
     return Start(barrier_s=stamps["barrier"], step_s=stamps["step"], total_s=done.seconds)
 
 
-def run_bench(reps: int = 5, *, sizes: Sequence[int] = SIZES) -> dict[str, Any]:
-    """Interleaved repetitions over all sizes; prints both tables; returns the numbers."""
+def run_bench(reps: int = 5, *, sizes: Sequence[int] = SIZES, preload_side: bool = False) -> dict[str, Any]:
+    """Interleaved repetitions over all sizes; prints both tables; returns the numbers.
+
+    ``preload_side`` adds a third launcher: distrain with ``--preload`` of the example's imports.
+    """
+    launchers = ["distrain", "torchrun", *(["distrain-preload"] if preload_side else [])]
     root = Path(tempfile.mkdtemp(prefix="bench-startup-"))
     note_before = load_note()
     runs: dict[tuple[str, int], list[Start]] = {}
     try:
         for rep in range(reps):
             for size in sizes:
-                order = ("distrain", "torchrun") if (rep + size) % 2 == 0 else ("torchrun", "distrain")
-                for launcher in order:
+                shift = (rep + size) % len(launchers)
+                for launcher in launchers[shift:] + launchers[:shift]:
                     runs.setdefault((launcher, size), []).append(
                         start_once(launcher, size, root, f"{launcher}-{size}-{rep}"))
     finally:
@@ -96,15 +105,23 @@ def run_bench(reps: int = 5, *, sizes: Sequence[int] = SIZES) -> dict[str, Any]:
         goal = FIRST_STEP_GOALS.get(size)
         step_rows.append([size, median([s.step_s for s in ours]), median([s.step_s for s in theirs]),
                           step_ratio, goal_mark(step_ratio, goal, at_most=True) if goal else "-"])
+        if preload_side:
+            preloaded = runs[("distrain-preload", size)]
+            preload_ratio = median([a.step_s / b.step_s for a, b in zip(preloaded, theirs)])
+            step_rows[-1] += [median([s.step_s for s in preloaded]), preload_ratio]
+            results["sizes"].setdefault(str(size), {})["preload"] = {
+                "runs": [asdict(s) for s in preloaded], "first_step_ratio": round(preload_ratio, 3)}
         barrier_rows.append([size, median([s.barrier_s for s in ours]), median([s.barrier_s for s in theirs]),
                              barrier_ratio, goal_mark(barrier_ratio, 1.0, at_most=True)])
-        results["sizes"][str(size)] = {
+        results["sizes"].setdefault(str(size), {}).update({
             "distrain": [asdict(s) for s in ours], "torchrun": [asdict(s) for s in theirs],
             "first_step_ratio": round(step_ratio, 3), "barrier_ratio": round(barrier_ratio, 3),
-        }
+        })
     print(table(f"Start-up: command -> first optimizer step of examples/digits_ddp.py, seconds, median of "
                 f"{reps} ({note})",
-                ["ranks", "distrain", "torchrun", "distrain/torchrun", "goal"], step_rows), flush=True)
+                ["ranks", "distrain", "torchrun", "distrain/torchrun", "goal",
+                 *(["distrain --preload", "preload/torchrun"] if preload_side else [])], step_rows),
+          flush=True)
     print(growth("first step", sizes, step_rows), flush=True)
     print(table(f"Rendezvous scale: command -> all ranks past the first barrier, seconds, median of {reps}",
                 ["ranks", "distrain", "torchrun", "distrain/torchrun", "goal"], barrier_rows), flush=True)
@@ -130,8 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5, help="repetitions per launcher and size (median)")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="local rank counts")
+    parser.add_argument("--preload-side", action="store_true",
+                        help=f"also time distrain --preload {DIGITS_PRELOAD}")
     args = parser.parse_args(argv)
-    run_bench(args.reps, sizes=[int(s) for s in args.sizes.split(",")])
+    run_bench(args.reps, sizes=[int(s) for s in args.sizes.split(",")], preload_side=args.preload_side)
     return 0
 
 

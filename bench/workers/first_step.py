@@ -6,8 +6,9 @@
 Imports only torch, then ``init_process_group`` + ``barrier`` and writes ``OUT/barrier-rank<R>``
 (the wall clock, ``time.time()``); ``barrier`` mode then leaves. ``digits`` mode then runs
 examples/digits_ddp.py unchanged as ``__main__`` (its ``ddp.init`` joins the group made here)
-with a global optimizer hook that writes ``OUT/step-rank<R>`` after the first optimizer step.
-No distrain import here, so the same file runs under torchrun and distrain launch alike.
+with a global optimizer hook that writes ``OUT/step-rank<R>`` after the first optimizer step and
+then ends the run (``distrain.ddp.cleanup()``, the example's own exit path, then exit 0). The
+file runs unchanged under torchrun and distrain launch alike.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def main() -> None:
         if not fired:
             fired.append(True)
             stamp(out, "step")
+            # Measured: leave now rather than evaluate, checkpoint and log. The example's own
+            # ddp.cleanup() releases its DDP wrapper and the group first (no teardown abort).
+            from distrain import ddp
+
+            ddp.cleanup()
+            sys.exit(0)
 
     register_optimizer_step_post_hook(after_step)
     sys.argv = [str(EXAMPLE), *rest]

@@ -60,7 +60,7 @@ def build(name: str, *, scale: float = 1.0) -> Workload:
     torch.manual_seed(0)
     if name == "digits":
         return Workload(name=name, model=DigitsNet(), dataset=digits_dataset(), batch_size=32,
-                        warmup=30, steps=max(20, int(400 * scale)))
+                        warmup=30, steps=max(20, int(300 * scale)))
     if name == "mlp":
         generator = torch.Generator().manual_seed(0)
         data = TensorDataset(torch.randn(4096, 784, generator=generator),
@@ -68,5 +68,5 @@ def build(name: str, *, scale: float = 1.0) -> Workload:
         model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
                               nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
         return Workload(name=name, model=model, dataset=data, batch_size=64, warmup=5,
-                        steps=max(10, int(50 * scale)))
+                        steps=max(10, int(40 * scale)))
     raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOADS}")
