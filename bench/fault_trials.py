@@ -6,7 +6,8 @@
 Every trial launches ``bench/workers/fault_train.py`` (DDP, dropout, shuffled resumable loader,
 a checkpoint every 2 steps, sync or async) with ``distrain launch --nproc-per-node 2
 --max-restarts 2``, SIGKILLs one random rank at a random moment of its first attempt (every
-third trial waits for a checkpoint being written and kills then: mid-checkpoint) and lets the
+third trial kills while a checkpoint is being written: the worker makes a random step's
+checkpoint slow with ballast, ``--ballast-at``, and the kill lands inside that write) and lets the
 launcher restart the group, which resumes from the newest checkpoint. The final weights and
 optimizer state must be bit-identical to an uninterrupted run's. Prints ``k/N identical``.
 
@@ -86,10 +87,11 @@ def pid_of(out: Path, attempt: int, rank: int) -> int | None:
     return int(path.read_text()) if path.exists() else None
 
 
-def saving(ckpt: Path) -> bool:
-    """A checkpoint is being written: its staging directory exists."""
+def saving(ckpt: Path, step: int | None = None) -> bool:
+    """A checkpoint (that of ``step``, if given) is being written: its staging directory exists."""
+    prefix = ".tmp-" if step is None else f".tmp-step-{step:08d}"
     try:
-        return any(name.startswith(".tmp-") for name in os.listdir(ckpt))
+        return any(name.startswith(prefix) for name in os.listdir(ckpt))
     except FileNotFoundError:
         return False
 
@@ -142,6 +144,9 @@ def run_trial(index: int, root: Path, reference: Path, window: float, rng: rando
     victim_rank = rng.randrange(2)
     out, ckpt = root / f"trial{index:02d}", root / f"trial{index:02d}-ckpt"
     extra = ["--async-save"] if async_save else []
+    slow_step = 2 * rng.randrange(5, 26)  # mid-checkpoint: this step's checkpoint is slow to write
+    if mode == "mid-checkpoint":
+        extra += ["--ballast-at", str(slow_step)]
     running = Running(launch_args(ckpt, out, *extra, start_method=start_method),
                       log=root / f"trial{index:02d}.log")
     try:
@@ -150,12 +155,13 @@ def run_trial(index: int, root: Path, reference: Path, window: float, rng: rando
         victim = pid_of(out, 0, victim_rank)
         if victim is None:
             raise BenchError(f"trial {index}: no pid file for rank {victim_rank}")
-        delay = rng.uniform(0.0, window * (0.5 if mode == "mid-checkpoint" else 0.8))
-        time.sleep(delay)  # fault injection: a random instant, not synchronisation
         if mode == "mid-checkpoint":
-            deadline = time.monotonic() + window
-            while not saving(ckpt) and time.monotonic() < deadline and running.alive():
-                time.sleep(0.001)
+            wait_until(lambda: saving(ckpt, slow_step), timeout=LAUNCH_TIMEOUT,
+                       what=f"the write of checkpoint {slow_step}", running=running, poll=0.002)
+            delay = rng.uniform(0.0, 0.05)  # into the write, which takes a second or so
+        else:
+            delay = rng.uniform(0.0, window * 0.8)
+        time.sleep(delay)  # fault injection: a random instant, not synchronisation
         mid = saving(ckpt)  # a checkpoint is being written at this instant
         with contextlib.suppress(ProcessLookupError):  # finished already: shows as "not restarted"
             os.kill(victim, signal.SIGKILL)

@@ -9,6 +9,8 @@ optimizer state) into ``--out``. What the harness needs to aim its faults:
 * ``out/pids/attempt<A>-rank<R>`` (written atomically when the rank starts) hold the pid;
 * SIGTERM (the launcher forwards it on preemption) sets a flag; all ranks agree on it at the next
   step (one tiny all-reduce per step), save a checkpoint there, write ``out/preempted`` and exit;
+* ``--ballast-at N`` (first attempt only) adds ``--ballast-mb`` of zeros to step N's checkpoint, so
+  writing it takes long enough for the harness to kill a rank mid-checkpoint every time;
 * ``--hang-rank R --hang-at N`` makes rank R block forever before step N's collective (a stuck
   rank): the others must fail by the collective timeout ``--timeout`` (``ddp.init(timeout=...)``).
 """
@@ -69,6 +71,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--width", type=int, default=512, help="hidden width (checkpoint size)")
     parser.add_argument("--timeout", type=float, default=None, help="collective timeout, seconds")
+    parser.add_argument("--ballast-at", type=int, default=None, help="a slow checkpoint at this step")
+    parser.add_argument("--ballast-mb", type=int, default=160)
     parser.add_argument("--hang-rank", type=int, default=None)
     parser.add_argument("--hang-at", type=int, default=None)
     args = parser.parse_args()
@@ -116,7 +120,9 @@ def main() -> None:
                 ddp.cleanup()
                 return
             if step % args.save_every == 0 or step == args.steps:
-                ckpt.save(step, **state)
+                slow = attempt == 0 and step == args.ballast_at
+                ballast = {"ballast": torch.zeros(args.ballast_mb * 2**18)} if slow else {}
+                ckpt.save(step, **state, **ballast)
             if step >= args.steps:
                 break
         epoch += 1
