@@ -1,7 +1,7 @@
 """Count teardown aborts (SIGABRT, "terminate called without an active exception") over many runs.
 
-    python bench/teardown_stress.py        # 200 DDP, 50 each: forkserver, atexit, FSDP, Ray; torchrun
-    python bench/teardown_stress.py --runs 30 --only ddp-spawn
+    python bench/teardown_stress.py        # 200 DDP; 50 each: spawn, atexit, FSDP, Ray; torchrun beside
+    python bench/teardown_stress.py --runs 30 --only ddp
 
 Each run is a fresh 2-rank launch of a 3-step training script; an abort is any run whose output
 holds the terminate line or whose exit code is non-zero. Prints ``aborts: k/N`` per variant,
@@ -67,11 +67,11 @@ def variants(runs: int, side_runs: int, ray_address: str | None) -> dict[str, Va
     tiny = str(HERE / "scripts" / "distrain_ddp_tiny.py")
     plain = str(HERE / "scripts" / "plain_ddp_tiny.py")
     table = {
-        "ddp-spawn": (distrain_launch("--start-method", "spawn", tiny), runs, {}),
-        "ddp-forkserver": (distrain_launch("--start-method", "forkserver", tiny), side_runs, {}),
-        "ddp-spawn-atexit": (distrain_launch("--start-method", "spawn", tiny), side_runs,
-                             {"CALL_CLEANUP": "0"}),
-        "fsdp-spawn": (distrain_launch("--start-method", "spawn", tiny), side_runs, {"STRATEGY": "fsdp"}),
+        # "ddp": the default start method (the preloaded forkserver), what users get.
+        "ddp": (distrain_launch(tiny), runs, {}),
+        "ddp-spawn": (distrain_launch("--start-method", "spawn", tiny), side_runs, {}),
+        "ddp-atexit": (distrain_launch(tiny), side_runs, {"CALL_CLEANUP": "0"}),
+        "fsdp": (distrain_launch(tiny), side_runs, {"STRATEGY": "fsdp"}),
         "torchrun-plain": ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", plain],
                            runs, {}),
         "torchrun-plain-fixed": ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",

@@ -8,8 +8,9 @@ import pytest
 
 from distrain import cli
 from distrain.errors import ConfigError
-from distrain.launch import config_from_args, parse_endpoint, parse_nnodes
+from distrain.launch import config_from_args
 from distrain.launch_args import parse_launch_args
+from distrain.launch_values import parse_endpoint, parse_nnodes
 from tests.helpers import distrain
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "dump_env.py")
@@ -58,7 +59,7 @@ BAD_INPUTS: list[tuple[list[str], str]] = [
     (["--nproc-per-node", "-1", SCRIPT], "--nproc-per-node='-1'"),
     (["--nproc-per-node", "abc", SCRIPT], "--nproc-per-node='abc'"),
     (["--nnodes", "3:2", SCRIPT], "--nnodes='3:2'"),
-    (["--nnodes", "0", SCRIPT], "--nnodes='0'"),
+    (["--nnodes", "0", SCRIPT], "--nnodes=0"),
     (["--nnodes", "1:2:3", SCRIPT], "--nnodes='1:2:3'"),
     (["--nnodes", "two", SCRIPT], "--nnodes='two'"),
     (["--nnodes", "2", "--node-rank", "2", "--master-port", "29500", SCRIPT], "--node-rank=2"),
