@@ -24,7 +24,6 @@ the rank got stuck, and no process is left.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -69,6 +68,7 @@ class Trial:
     victim_rank: int
     delay_s: float
     mid_checkpoint: bool  # a checkpoint was being written when the kill landed
+    killed: bool  # the SIGKILL hit a live worker of the first attempt
     restarted: bool
     identical: bool
     seconds: float
@@ -163,8 +163,11 @@ def run_trial(index: int, root: Path, reference: Path, window: float, rng: rando
             delay = rng.uniform(0.0, window * 0.8)
         time.sleep(delay)  # fault injection: a random instant, not synchronisation
         mid = saving(ckpt)  # a checkpoint is being written at this instant
-        with contextlib.suppress(ProcessLookupError):  # finished already: shows as "not restarted"
+        try:
             os.kill(victim, signal.SIGKILL)
+            killed = True
+        except ProcessLookupError:  # the first attempt had ended already
+            killed = False
         done, left = finish(running, f"trial {index}")
     except BaseException:
         running.kill()
@@ -174,8 +177,8 @@ def run_trial(index: int, root: Path, reference: Path, window: float, rng: rando
     if not same:
         print(f"  trial {index}: rc {done.returncode}, output tail:\n{done.output[-2500:]}", flush=True)
     return Trial(index=index, mode=mode, async_save=async_save, victim_rank=victim_rank,
-                 delay_s=round(delay, 3), mid_checkpoint=mid, restarted=restarted, identical=same,
-                 seconds=round(done.seconds, 1), leftovers=len(left))
+                 delay_s=round(delay, 3), mid_checkpoint=mid, killed=killed, restarted=restarted,
+                 identical=same, seconds=round(done.seconds, 1), leftovers=len(left))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -267,9 +270,12 @@ def run(trials: int = 20, *, seed: int = 0, keep: Path | None = None, start_meth
                   f"{' mid-checkpoint' if trial.mid_checkpoint else ''}"
                   f"{' async' if trial.async_save else ''} -> "
                   f"{'identical' if trial.identical else 'DIFFERENT'}"
-                  f"{'' if trial.restarted else ' (kill missed: no restart)'} ({trial.seconds}s)", flush=True)
-        same = sum(t.identical for t in results)
-        print(f"{same}/{trials} identical ({sum(t.restarted for t in results)} restarted after the kill, "
+                  f"{'' if trial.killed and trial.restarted else ' (kill missed)'} ({trial.seconds}s)",
+                  flush=True)
+        same = sum(t.identical and t.killed and t.restarted for t in results)
+        hits = sum(t.killed for t in results)
+        print(f"{same}/{trials} identical after a kill ({hits} kills hit a live worker, "
+              f"{sum(t.restarted for t in results)} restarted, "
               f"{sum(t.mid_checkpoint for t in results)} killed mid-checkpoint)", flush=True)
         report: dict[str, Any] = {"trials": [asdict(t) for t in results], "identical": same,
                                   "total": trials, "reference_train_s": round(train_s, 2)}

@@ -104,9 +104,12 @@ class RankFailure:
     node: str
     log_tail: str
     teardown_abort: bool = False
+    raised: bool = False  # it recorded an uncaught exception of its own (then may have been stopped)
 
     def describe(self) -> str:
         how = f"killed by {self.signal}" if self.signal else f"exit code {self.exitcode}"
+        if self.raised and self.signal:
+            how = f"raised an exception (then stopped by {self.signal} while exiting)"
         head = f"rank {self.rank} (local rank {self.local_rank} on {self.node}) failed: {how}"
         if self.teardown_abort:
             head += (

@@ -31,7 +31,7 @@ def test_three_random_kills_each_end_bit_identical(reference: tuple[Path, float]
     rng = random.Random(8)
     trials = [run_trial(index, tmp_path, final, max(train_s, 0.5), rng, "forkserver") for index in range(3)]
     for trial in trials:
-        assert trial.restarted, f"trial {trial.index}: the kill missed the run ({trial})"
+        assert trial.killed and trial.restarted, f"trial {trial.index}: the kill missed the run ({trial})"
         assert trial.identical, f"trial {trial.index} ended with different weights: {trial}"
         assert trial.leftovers == 0
     assert trials[2].mode == "mid-checkpoint" and trials[2].mid_checkpoint, trials[2]

@@ -10,29 +10,7 @@ from distrain import ddp
 from distrain.errors import ConfigError
 from distrain.fsdp import choose_blocks
 from tests.helpers import spawn_multi_process
-
-
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.lin(x))
-
-
-class Net(nn.Module):
-    def __init__(self, width: int = 16, depth: int = 3) -> None:
-        super().__init__()
-        self.embed = nn.Linear(6, width)
-        self.layers = nn.ModuleList(Block(width) for _ in range(depth))
-        self.head = nn.Linear(width, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x)
+from tests.sharded_train import Block, Net
 
 
 def test_block_choice() -> None:
@@ -63,7 +41,7 @@ def _train(ctx: ddp.Context, strategy: str, steps: int = 4) -> dict[str, torch.T
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     generator = torch.Generator().manual_seed(1 + ctx.rank)
     for _ in range(steps):
-        x, y = torch.randn(8, 6, generator=generator), torch.randn(8, 1, generator=generator)
+        x, y = torch.randn(8, 8, generator=generator), torch.randn(8, 1, generator=generator)
         optimizer.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         norm = ddp.clip_grad_norm(model, 1e9)

@@ -264,6 +264,35 @@ def test_python_api_returns_each_ranks_value() -> None:
     assert run(_square_plus, 10, nproc=2) == {0: 10, 1: 11}
 
 
+def _raise_while_a_peer_fails_first() -> None:
+    import atexit
+    import threading
+
+    import torch.distributed as dist
+
+    from distrain import ddp
+
+    ctx = ddp.init("gloo")
+    if ctx.rank == 1:
+        dist.destroy_process_group()  # rank 0's barrier fails at once and it exits first...
+        atexit.register(threading.Event().wait)  # ...while this rank is slow to leave
+        raise RuntimeError("rank 1 fails on purpose")
+    dist.barrier()
+
+
+@pytest.mark.timeout(120)
+def test_the_rank_that_raised_is_named_first_even_when_a_peer_exits_before_it() -> None:
+    from distrain.errors import LaunchFailedError
+    from distrain.launch import run
+
+    with pytest.raises(LaunchFailedError) as failed:
+        run(_raise_while_a_peer_fails_first, nproc=2)
+    summary = str(failed.value)
+    assert "rank 1 (local rank 1" in summary and "fails on purpose" in summary, summary
+    peer = summary.find("rank 0 (local rank 0")  # listed after the cause, if at all
+    assert peer == -1 or summary.index("rank 1 (local rank 1") < peer, summary
+
+
 @pytest.mark.timeout(60)
 def test_env_command_prints_versions() -> None:
     result = distrain("env", env={"RANK": "3"})

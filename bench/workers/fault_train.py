@@ -62,6 +62,13 @@ class StopFlag:
         return bool(flag.item())
 
 
+def ballast(megabytes: int) -> nn.Module:
+    """Zeros to make one checkpoint slow to write (saved like any module, never loaded)."""
+    module = nn.Module()
+    module.register_buffer("zeros", torch.zeros(megabytes * 2**18))
+    return module
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
@@ -121,8 +128,7 @@ def main() -> None:
                 return
             if step % args.save_every == 0 or step == args.steps:
                 slow = attempt == 0 and step == args.ballast_at
-                ballast = {"ballast": torch.zeros(args.ballast_mb * 2**18)} if slow else {}
-                ckpt.save(step, **state, **ballast)
+                ckpt.save(step, **state, **({"ballast": ballast(args.ballast_mb)} if slow else {}))
             if step >= args.steps:
                 break
         epoch += 1

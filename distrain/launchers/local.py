@@ -194,9 +194,12 @@ class LocalLauncher(Launcher):
                 values = dict.fromkeys(range(first, first + config.nproc_per_node))
             return RunResult(return_values=values, log_dir=None if own_log_dir else log_root)
         except ChildFailedError as error:
+            attempt_dir = _attempt_dir(log_root, run_id)
+            found = {**_recorded_elsewhere(error.failures, attempt_dir), **error.failures}
+            # Earliest first: the rank that failed first is usually the cause.
+            by_time = sorted(found.items(), key=lambda item: (_failed_at(item[1]), item[0]))
             failures = primary_failures([
-                _describe_failure(rank, failure, _attempt_dir(log_root, run_id))
-                for rank, failure in sorted(error.failures.items())
+                _describe_failure(rank, failure, attempt_dir) for rank, failure in by_time
             ])
             return RunResult(return_values={}, failures=failures,
                              log_dir=None if own_log_dir else log_root)
@@ -217,9 +220,64 @@ def _attempt_dir(log_root: str, run_id: str) -> Path | None:
 
 
 def primary_failures(failures: list[RankFailure]) -> tuple[RankFailure, ...]:
-    """The ranks that failed on their own, without those the launcher then stopped (SIGTERM)."""
-    own = [f for f in failures if f.signal != "SIGTERM"]
+    """The ranks that failed on their own, without those the launcher then stopped (SIGTERM).
+
+    A rank that raised is kept even when SIGTERM caught it on its way out: a failing rank's exit
+    lets its peers fail at once, and the launcher may see a peer's failure first and stop it.
+    """
+    own = [f for f in failures if f.signal != "SIGTERM" or f.raised]
     return tuple(own or failures)
+
+
+def _recorded_elsewhere(reported: dict[int, Any], attempt_dir: Path | None) -> dict[int, Any]:
+    """Exceptions other local ranks recorded (their error files) that elastic did not report.
+
+    With a function entrypoint elastic reports only the first process it saw exit; when a rank
+    raises, its peers fail at once and one of them may exit first, hiding the real cause.
+    """
+    if attempt_dir is None or not reported:
+        return {}
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    some_rank, some_failure = next(iter(reported.items()))
+    offset = some_rank - some_failure.local_rank  # global rank of local rank 0
+    known = {failure.local_rank for failure in reported.values()}
+    found: dict[int, Any] = {}
+    for error_file in attempt_dir.glob("*/error.json"):
+        local_rank = int(error_file.parent.name) if error_file.parent.name.isdigit() else -1
+        if local_rank < 0 or local_rank in known:
+            continue
+        with contextlib.suppress(Exception):  # half-written by a rank stopped mid-write: skip it
+            failure = ProcessFailure(local_rank=local_rank, pid=-1, exitcode=1, error_file=str(error_file))
+            if raised_on_its_own(failure):
+                found[offset + local_rank] = failure
+    return found
+
+
+def _failed_at(failure: Any) -> float:
+    """When the rank failed: its error file's mtime (elastic's timestamp has whole seconds)."""
+    try:
+        return os.stat(failure.error_file).st_mtime
+    except (OSError, TypeError):
+        return float(failure.timestamp)
+
+
+def _failure_text(failure: Any) -> tuple[str, str]:
+    """(message, traceback) of what the rank recorded; a function's error file nests them."""
+    message = failure.message
+    if isinstance(message, dict):
+        extra = message.get("extraInfo")
+        callstack = extra.get("py_callstack", "") if isinstance(extra, dict) else ""
+        return str(message.get("message", "")), str(callstack)
+    return (message if isinstance(message, str) else ""), ""
+
+
+def raised_on_its_own(failure: Any) -> bool:
+    """The rank recorded an exception (elastic's error file) that is not the stop signal itself."""
+    if not (isinstance(failure.error_file, str) and os.path.isfile(failure.error_file)):
+        return False
+    message, _ = _failure_text(failure)
+    return "SignalException" not in message and not message.startswith("Signal ")
 
 
 def _describe_failure(rank: int, failure: Any, attempt_dir: Path | None) -> RankFailure:
@@ -236,9 +294,9 @@ def _describe_failure(rank: int, failure: Any, attempt_dir: Path | None) -> Rank
             if log_text.strip():
                 break
     log_tail = tail_text(log_text)
-    message = failure.message if isinstance(failure.message, str) else ""
+    message, callstack = _failure_text(failure)
     if not log_tail and message and not message.startswith(("Signal", "To enable traceback")):
-        log_tail = tail_text(message)
+        log_tail = tail_text(callstack or message)
     return RankFailure(
         rank=rank,
         local_rank=failure.local_rank,
@@ -248,4 +306,5 @@ def _describe_failure(rank: int, failure: Any, attempt_dir: Path | None) -> Rank
         log_tail=log_tail,
         # the whole log: a fatal-error dump can push an earlier traceback out of the tail
         teardown_abort=is_teardown_abort(failure.exitcode, signal_name, log_text or log_tail),
+        raised=raised_on_its_own(failure),
     )

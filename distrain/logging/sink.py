@@ -46,14 +46,22 @@ class Sink:
     def writing(self) -> Iterator[Any]:
         """The writer under the lock, or None once closed."""
         with self.lock:
-            yield None if self.closed else self.writer
+            yield self.writer if self.open else None
+
+    @property
+    def open(self) -> bool:
+        """Not closed by us, nor by tensorboardX's own atexit hook (which every SummaryWriter
+        registers, and which runs before ``ddp.cleanup``'s when a script never closed its logger;
+        it flushes before closing, so nothing is lost)."""
+        events = getattr(self.writer.file_writer, "event_writer", None)
+        return not self.closed and not getattr(events, "_closed", False)
 
     def flush(self) -> None:
         with self.lock:
             self._flush_locked()
 
     def _flush_locked(self) -> None:
-        if self.closed or os.getpid() != self.pid:
+        if not self.open or os.getpid() != self.pid:
             return
         if self.records is not None:
             self.records.flush()
