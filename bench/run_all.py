@@ -51,7 +51,7 @@ def plan_for(quick: bool, reps: int | None, fault_trials: int | None) -> Plan:
         base = Plan(reps=3, sizes=(2, 4), overhead_scale=0.5, fault_trials=3, sharded_mb=64,
                     sharded_ranks=(2,))
     else:
-        base = Plan(reps=5, sizes=startup.SIZES, overhead_scale=1.0, fault_trials=20, sharded_mb=200,
+        base = Plan(reps=5, sizes=startup.SIZES, overhead_scale=1.0, fault_trials=20, sharded_mb=640,
                     sharded_ranks=(2, 4))
     return Plan(reps=reps or base.reps, sizes=base.sizes, overhead_scale=base.overhead_scale,
                 fault_trials=base.fault_trials if fault_trials is None else fault_trials,

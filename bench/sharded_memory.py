@@ -1,7 +1,7 @@
 """Memory of a checkpoint: sharded (every rank writes its shard) vs full (rank 0 writes it all).
 
-    python bench/sharded_memory.py                   # 2 and 4 ranks, 208 MB of weights (~2 minutes)
-    python bench/sharded_memory.py --mb 512 --ranks 2
+    python bench/sharded_memory.py                   # 2 and 4 ranks, 640 MB of weights (~2 minutes)
+    python bench/sharded_memory.py --mb 208 --ranks 2
 
 One launch per world size (``distrain.launch.run``, gloo on CPU) of an FSDP model holding ``--mb``
 MB of fp32 weights and SGD momentum as large (a checkpoint twice that size). Every rank then
@@ -177,7 +177,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run(mb: int = 200, ranks: Sequence[int] = (2, 4)) -> dict[str, Any]:
+def run(mb: int = 640, ranks: Sequence[int] = (2, 4)) -> dict[str, Any]:
     """Measure, print the table, return the numbers (``bench/run_all.py`` imports this)."""
     started = time.perf_counter()
     rows = [measure(w, mb) for w in ranks]
@@ -197,7 +197,7 @@ def run(mb: int = 200, ranks: Sequence[int] = (2, 4)) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=int, default=200, help="MB of fp32 weights (rounded up to whole layers)")
+    parser.add_argument("--mb", type=int, default=640, help="MB of fp32 weights (rounded up to whole layers)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     args = parser.parse_args(argv)
     if args.mb < 1 or any(w < 1 for w in args.ranks):

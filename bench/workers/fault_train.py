@@ -7,8 +7,9 @@ weights. It resumes from the newest checkpoint in ``--ckpt``, saves every ``--sa
 optimizer state) into ``--out``. What the harness needs to aim its faults:
 
 * ``out/pids/attempt<A>-rank<R>`` (written atomically when the rank starts) hold the pid;
-* SIGTERM (the launcher forwards it on preemption) sets a flag; all ranks agree on it at the next
-  step (one tiny all-reduce per step), save a checkpoint there, write ``out/preempted`` and exit;
+* SIGTERM (the launcher forwards it on preemption) sets a flag (``distrain.preemption.StopSignal``);
+  all ranks agree on it at the next step (one tiny all-reduce per step), save a checkpoint there,
+  write ``out/preempted`` and exit;
 * ``--ballast-at N`` (first attempt only) adds ``--ballast-mb`` of zeros to step N's checkpoint, so
   writing it takes long enough for the harness to kill a rank mid-checkpoint every time;
 * ``--hang-rank R --hang-at N`` makes rank R block forever before step N's collective (a stuck
@@ -24,16 +25,15 @@ import signal
 import threading
 import time
 from pathlib import Path
-from types import FrameType
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from distrain import ddp
 from distrain.ckpt import Checkpointer
 from distrain.data import build_loader
+from distrain.preemption import StopSignal
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -42,24 +42,6 @@ def write_atomic(path: Path, text: str) -> None:
     temp = path.with_name(f".{path.name}.{os.getpid()}")
     temp.write_text(text)
     os.replace(temp, path)
-
-
-class StopFlag:
-    """SIGTERM sets it; :meth:`agreed` is True on every rank at the same step once any rank has it."""
-
-    def __init__(self, *, install: bool = True) -> None:
-        self.requested = False
-        if install:
-            signal.signal(signal.SIGTERM, self._handler)
-
-    def _handler(self, signum: int, frame: FrameType | None) -> None:
-        self.requested = True
-
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def ballast(megabytes: int) -> nn.Module:
@@ -85,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
 
     # A stuck rank keeps SIGTERM's default (die at once), as a script without handlers would.
-    stop = StopFlag(install=args.hang_rank is None)
+    stop = StopSignal(signals=() if args.hang_rank is not None else (signal.SIGTERM,))
     ctx = ddp.init(timeout=args.timeout)
     out = Path(args.out)
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
