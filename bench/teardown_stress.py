@@ -11,7 +11,10 @@ with the plain script under real torchrun beside ours for the side-by-side rate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -63,7 +66,7 @@ def distrain_launch(*args: str) -> list[str]:
 Variant = tuple[list[str], int, dict[str, str]]
 
 
-def variants(runs: int, side_runs: int, ray_address: str | None) -> dict[str, Variant]:
+def variants(runs: int, side_runs: int, with_ray: bool) -> dict[str, Variant]:
     tiny = str(HERE / "scripts" / "distrain_ddp_tiny.py")
     plain = str(HERE / "scripts" / "plain_ddp_tiny.py")
     table = {
@@ -77,8 +80,8 @@ def variants(runs: int, side_runs: int, ray_address: str | None) -> dict[str, Va
         "torchrun-plain-fixed": ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                                   plain], side_runs, {"CLEAN_EXIT": "1"}),
     }
-    if ray_address:
-        table["ray"] = (distrain_launch("--launcher", "ray", "--address", ray_address, tiny), side_runs, {})
+    if with_ray:  # main() adds --address of the head it starts
+        table["ray"] = (distrain_launch("--launcher", "ray", tiny), side_runs, {})
     return table
 
 
@@ -91,21 +94,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray variant")
     args = parser.parse_args(argv)
     only = set(filter(None, args.only.split(",")))
-    ray_address = None
-    cleanup_ray = None
-    if not args.no_ray and (not only or "ray" in only):
-        ray_address, cleanup_ray = _start_ray()
-    try:
-        tallies = []
-        for name, (command, runs, env) in variants(args.runs, args.side_runs, ray_address).items():
-            if only and name not in only:
-                continue
+    with_ray = not args.no_ray and (not only or "ray" in only)
+    tallies = []
+    for name, (command, runs, env) in variants(args.runs, args.side_runs, with_ray).items():
+        if only and name not in only:
+            continue
+        if name == "ray":
+            # A head of its own, started right before its runs (`ray start`, token auth on, as
+            # users get it); the driver then needs RAY_AUTH_MODE=token too.
+            address, stop_ray = _start_ray()
+            try:
+                tally = count_aborts(name, [*command[:-1], "--address", address, command[-1]], runs,
+                                     {**env, "RAY_AUTH_MODE": "token"})
+            finally:
+                stop_ray()
+        else:
             tally = count_aborts(name, command, runs, env)
-            print(tally.line(), flush=True)
-            tallies.append(tally)
-    finally:
-        if cleanup_ray:
-            cleanup_ray()
+        print(tally.line(), flush=True)
+        tallies.append(tally)
     ours = [t for t in tallies if not t.name.startswith("torchrun")]
     return 1 if any(t.aborts or t.other_failures for t in ours) else 0
 
@@ -120,10 +126,27 @@ def _start_ray():  # type: ignore[no-untyped-def]
     address = (Path(temp) / "ray_current_cluster").read_text().strip()
 
     def stop() -> None:
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True,
-                       check=False)
+        # Only this head: `ray stop` alone would stop every Ray on the machine.
+        for pid in _pids_under(temp, address):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
 
     return address, stop
+
+
+def _pids_under(temp: str, address: str) -> list[int]:
+    """Processes of the Ray head started in ``temp`` (their command lines name it or its address),
+    with their children (Ray's workers)."""
+    import psutil
+
+    found: set[int] = set()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(temp in part or address in part for part in proc.info["cmdline"] or ()):
+                found.add(proc.pid)
+                found.update(child.pid for child in proc.children(recursive=True))
+    return sorted(found)
 
 
 if __name__ == "__main__":

@@ -205,3 +205,26 @@ def test_signals_are_recorded_not_fatal_and_handlers_restored() -> None:
         signal.raise_signal(signal.SIGINT)
         assert request.name == "SIGTERM" and request.count == 2
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_cluster_that_cannot_be_joined_gets_a_fix_in_one_line() -> None:
+    from distrain.launchers.ray_session import connect_fix
+
+    def chained(outer: str, inner: str) -> BaseException:
+        try:
+            try:
+                raise RuntimeError(inner)
+            except RuntimeError as cause:
+                raise ConnectionError(outer) from cause
+        except ConnectionError as error:
+            return error
+
+    # What Ray 2.60 raises when `ray start` made the head require a token and the driver has none.
+    token = chained("Failed to connect to Ray cluster at 127.0.0.1:44419",
+                    "Failed to connect to GCS. Unauthenticated: RPC error: InvalidAuthToken: "
+                    "Authentication token is missing or incorrect")
+    assert "RAY_AUTH_MODE=token" in connect_fix(token)
+    down = chained("Failed to connect to Ray cluster at 127.0.0.1:1", "Timed out while waiting for GCS")
+    fix = connect_fix(down)
+    assert "ray status" in fix and "RAY_AUTH_MODE" not in fix
+    assert "\n" not in fix and "\n" not in connect_fix(token)

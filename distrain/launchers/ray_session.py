@@ -172,8 +172,12 @@ def ray_session(target: Target, *, runtime_env: Mapping[str, Any], num_cpus: flo
                      logging_level=logging.WARNING, runtime_env=env)
             say(f"distrain: started a local Ray ({cpus} CPUs, dashboard off)")
         elif not target.joined:
-            ray.init(address=target.address, log_to_driver=False,
-                     logging_level=logging.WARNING, runtime_env=env)
+            try:
+                ray.init(address=target.address, log_to_driver=False,
+                         logging_level=logging.WARNING, runtime_env=env)
+            except Exception as error:  # Ray's own message spans a traceback; say it in one line
+                raise ConfigError("--address", target.address, "a Ray cluster this machine can join",
+                                  connect_fix(error)) from None
             say(f"distrain: connected to the Ray cluster at {target.address}")
         yield
     finally:
@@ -181,6 +185,22 @@ def ray_session(target: Target, *, runtime_env: Mapping[str, Any], num_cpus: flo
             ray.shutdown()
         os.environ.clear()  # a Python caller gets its environment back exactly
         os.environ.update(saved)
+
+
+def connect_fix(error: BaseException) -> str:
+    """What to do when ``ray.init(address=...)`` failed, judged from the whole exception chain."""
+    chain: list[str] = []
+    cause: BaseException | None = error
+    while cause is not None and len(chain) < 10:
+        chain.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = " ".join(chain)
+    if any(word in text for word in ("InvalidAuthToken", "authorization", "Authentication")):
+        return ("the cluster uses token authentication (`ray start` turns it on): export "
+                "RAY_AUTH_MODE=token and provide its token (~/.ray/auth_token, RAY_AUTH_TOKEN or "
+                "RAY_AUTH_TOKEN_PATH)")
+    return ("check that the head is up (`ray status --address ADDR`) and pass its GCS address "
+            "(HOST:6379), or drop --address to start a local Ray")
 
 
 def forwarded_env(environ: Mapping[str, str]) -> dict[str, str]:
