@@ -27,6 +27,7 @@ from typing import Any
 if not __package__:  # run as a script: python bench/startup.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (
+    REPO,
     WORKERS,
     BenchError,
     distrain_cmd,
@@ -39,9 +40,15 @@ from bench.common import (
 )
 
 SIZES = (2, 4, 8, 16)
-# What examples/digits_ddp.py imports beyond torch: the optional third side preloads them too.
-DIGITS_PRELOAD = ("sklearn.datasets,tensorboardX,tqdm,distrain.ckpt.checkpointer,distrain.data,"
-                  "distrain.logging")
+EXAMPLE = REPO / "examples" / "digits_ddp.py"
+
+
+def example_preload() -> str:
+    """What ``--preload auto`` finds in examples/digits_ddp.py: the worker runs the example through a
+    wrapper (to stamp the first step), so name them as launching the example directly would."""
+    from distrain.launchers.preload_scan import script_imports
+
+    return ",".join(script_imports(str(EXAMPLE), module=False))
 FIRST_STEP_GOALS = {2: 1.0, 4: 0.5, 16: 0.25}  # distrain / torchrun, at most
 WORKER = str(WORKERS / "first_step.py")
 
@@ -55,9 +62,9 @@ class Start:
 
 def launcher_cmd(launcher: str, nproc: int) -> list[str]:
     if launcher == "distrain":
-        return distrain_cmd("--nproc-per-node", str(nproc))
-    if launcher == "distrain-preload":
-        return distrain_cmd("--nproc-per-node", str(nproc), "--preload", DIGITS_PRELOAD)
+        return distrain_cmd("--nproc-per-node", str(nproc), "--preload", f"auto,{example_preload()}")
+    if launcher == "distrain-torch-only":
+        return distrain_cmd("--nproc-per-node", str(nproc), "--preload", "torch")
     return torchrun_cmd("--nproc-per-node", str(nproc))
 
 
@@ -80,9 +87,9 @@ def start_once(launcher: str, nproc: int, root: Path, tag: str) -> Start:
 def run_bench(reps: int = 5, *, sizes: Sequence[int] = SIZES, preload_side: bool = False) -> dict[str, Any]:
     """Interleaved repetitions over all sizes; prints both tables; returns the numbers.
 
-    ``preload_side`` adds a third launcher: distrain with ``--preload`` of the example's imports.
+    ``preload_side`` adds a third launcher: distrain preloading torch only (``--preload torch``).
     """
-    launchers = ["distrain", "torchrun", *(["distrain-preload"] if preload_side else [])]
+    launchers = ["distrain", "torchrun", *(["distrain-torch-only"] if preload_side else [])]
     root = Path(tempfile.mkdtemp(prefix="bench-startup-"))
     note_before = load_note()
     runs: dict[tuple[str, int], list[Start]] = {}
@@ -106,7 +113,7 @@ def run_bench(reps: int = 5, *, sizes: Sequence[int] = SIZES, preload_side: bool
         step_rows.append([size, median([s.step_s for s in ours]), median([s.step_s for s in theirs]),
                           step_ratio, goal_mark(step_ratio, goal, at_most=True) if goal else "-"])
         if preload_side:
-            preloaded = runs[("distrain-preload", size)]
+            preloaded = runs[("distrain-torch-only", size)]
             preload_ratio = median([a.step_s / b.step_s for a, b in zip(preloaded, theirs)])
             step_rows[-1] += [median([s.step_s for s in preloaded]), preload_ratio]
             results["sizes"].setdefault(str(size), {})["preload"] = {
@@ -120,7 +127,7 @@ def run_bench(reps: int = 5, *, sizes: Sequence[int] = SIZES, preload_side: bool
     print(table(f"Start-up: command -> first optimizer step of examples/digits_ddp.py, seconds, median of "
                 f"{reps} ({note})",
                 ["ranks", "distrain", "torchrun", "distrain/torchrun", "goal",
-                 *(["distrain --preload", "preload/torchrun"] if preload_side else [])], step_rows),
+                 *(["torch only", "torch only/torchrun"] if preload_side else [])], step_rows),
           flush=True)
     print(growth("first step", sizes, step_rows), flush=True)
     print(table(f"Rendezvous scale: command -> all ranks past the first barrier, seconds, median of {reps}",
@@ -148,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="repetitions per launcher and size (median)")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="local rank counts")
     parser.add_argument("--preload-side", action="store_true",
-                        help=f"also time distrain --preload {DIGITS_PRELOAD}")
+                        help="also time distrain --preload torch (the example's imports not preloaded)")
     args = parser.parse_args(argv)
     run_bench(args.reps, sizes=[int(s) for s in args.sizes.split(",")], preload_side=args.preload_side)
     return 0

@@ -78,7 +78,7 @@ class LaunchConfig:
     max_restarts: int = 0
     monitor_interval: float = 0.1
     start_method: str = "forkserver"
-    preload: tuple[str, ...] = ()
+    preload: tuple[str, ...] = ("auto",)
     role: str = "default"
     log_dir: str | None = None
     redirects: str = "0"

@@ -70,8 +70,10 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                        help="forkserver: fork script workers from a process that already imported "
                             "torch (fast start); spawn: one fresh interpreter per worker, as torchrun;"
                             f" fork (function entrypoints). Default {DEFAULT_START_METHOD}")
-    fault.add_argument("--preload", default="",
-                       help="modules the forkserver imports once for all workers (torch always)")
+    fault.add_argument("--preload", default="auto",
+                       help="modules the fast-start server imports once for all workers: torch always, "
+                            "plus these (comma-separated); 'auto' (default) adds the script's own "
+                            "top-level imports of installed packages; --preload torch for torch only")
     fault.add_argument("--role", default="default", help="worker role name (default 'default')")
 
     logs = parser.add_argument_group("logs")

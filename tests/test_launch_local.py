@@ -314,6 +314,21 @@ def test_script_behaves_like_a_fresh_interpreter(tmp_path: Path, start_method: s
                         "loader_total": 28.0, "cuda_initialized": False}
 
 
+@pytest.mark.timeout(180)
+def test_the_fast_start_server_preloads_the_scripts_imports(tmp_path: Path, start_method: str) -> None:
+    probe = str(SCRIPTS / "preload_probe.py")
+    for preload, expected in (("auto", ["sklearn.datasets", "tensorboardX"]), ("torch", [])):
+        out = tmp_path / preload
+        out.mkdir()
+        result = distrain("launch", "--nproc-per-node", "2", "--preload", preload, probe,
+                          env={"OUT_DIR": str(out)})
+        assert_ok(result)
+        for rank in (0, 1):
+            seen = json.loads((out / f"probe-{rank}.json").read_text())
+            assert seen["loaded"] == (expected if start_method == "forkserver" else []), (preload, seen)
+            assert "DISTRAIN_PRELOAD_SCRIPT_IMPORTS" not in seen["env"]
+
+
 @pytest.mark.timeout(120)
 def test_no_server_or_worker_outlives_the_launcher(tmp_path: Path, start_method: str) -> None:
     proc = subprocess.Popen(

@@ -32,6 +32,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -98,23 +99,37 @@ def _safe_relative(name: str) -> bool:
 
 
 class _HashingWriter:
-    """A write-only file object that hashes and counts what passes through (no second read)."""
+    """A write-only file object that hashes and counts what passes through (no second read).
 
-    def __init__(self, file: IO[bytes]) -> None:
+    Large writes are hashed on a helper thread while this thread writes them: both release the
+    GIL, so a save costs max(hash, write) instead of hash + write (measured: 0.46 -> see README).
+    """
+
+    PARALLEL_BYTES = 1 << 20  # below this the hand-off costs more than it saves
+
+    def __init__(self, file: IO[bytes], hasher: ThreadPoolExecutor | None = None) -> None:
         self._file = file
+        self._hasher = hasher
         self.digest = hashlib.sha256()
         self.size = 0
         self.error: OSError | None = None  # torch.save turns a failed write into a vague error
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data)
-        self.digest.update(view)
         self.size += view.nbytes
+        hashed = None
+        if self._hasher is not None and view.nbytes >= self.PARALLEL_BYTES:
+            hashed = self._hasher.submit(self.digest.update, view)
+        else:
+            self.digest.update(view)
         try:
             return self._file.write(view)
         except OSError as error:
             self.error = self.error or error
             raise
+        finally:
+            if hashed is not None:
+                hashed.result()  # the caller may reuse ``data`` once write returns
 
     def flush(self) -> None:
         self._file.flush()
@@ -134,8 +149,8 @@ class Staging:
         """Create ``name`` and fill it with ``write(file)``; hashed while written, then fsynced."""
         target = self.path / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "xb") as raw:
-            hashing = _HashingWriter(raw)
+        with open(target, "xb") as raw, ThreadPoolExecutor(1, thread_name_prefix="distrain-hash") as hasher:
+            hashing = _HashingWriter(raw, hasher)
             try:
                 write(hashing)  # type: ignore[arg-type]  # a file object as far as writers care
             except Exception as error:

@@ -10,6 +10,10 @@ from torch.utils.data import Dataset, TensorDataset
 
 from distrain.errors import ConfigError
 
+# Imported lazily below (optional dependencies); the fast-start server imports them up front
+# when a script imports this module (distrain/launchers/preload_guard.py).
+DISTRAIN_PRELOAD = ("sklearn.datasets", "torchvision")
+
 
 def digits(*, train: bool = True, test_fraction: float = 0.2, seed: int = 0) -> TensorDataset:
     """sklearn's 8x8 handwritten digits (1797 images, 10 classes) as ``(1x8x8 float, label)``.

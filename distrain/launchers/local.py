@@ -185,7 +185,7 @@ class LocalLauncher(Launcher):
                 if uses_fast_start(config):
                     from distrain.launchers.preload import start_server
 
-                    start_server(config.preload)
+                    start_server(config.preload, str(config.entrypoint), module=config.module)
                 with quiet_function_failures():
                     outputs = elastic_launch(torch_config, entrypoint)(*args)
             values = {rank: value for rank, value in (outputs or {}).items()}

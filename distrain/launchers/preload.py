@@ -35,11 +35,26 @@ from collections.abc import Sequence
 DEFAULT_PRELOAD = ("torch", "torch.distributed")
 
 
-def start_server(preload: Sequence[str]) -> None:
-    """Start the forkserver now (it imports ``preload``) so it warms up while we set up."""
-    modules = list(dict.fromkeys([*DEFAULT_PRELOAD, *preload]))
+def start_server(preload: Sequence[str], script: str, *, module: bool) -> None:
+    """Start the forkserver now (it imports torch, ``--preload`` and, with ``auto``, the script's
+    top-level imports) so it warms up while we set up."""
+    from distrain.launchers import preload_guard
+    from distrain.launchers.preload_scan import resolve_preload
+
+    named, found = resolve_preload(preload, script, module=module)
+    modules = list(dict.fromkeys([*DEFAULT_PRELOAD, *named]))
+    if found:
+        modules.append(preload_guard.__name__)
     multiprocessing.set_forkserver_preload(modules)
-    multiprocessing.forkserver.ensure_running()
+    if not found:
+        multiprocessing.forkserver.ensure_running()
+        return
+    # Read (and removed) by the server's preload_guard; the workers must not inherit it.
+    os.environ[preload_guard.ENV] = ",".join(found)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        os.environ.pop(preload_guard.ENV, None)
 
 
 def run_script(script: str, args: Sequence[str], module: bool) -> None:

@@ -7,7 +7,9 @@
 * ``report.py``: ``distrain report RUN_DIR`` draws the curves to a PNG.
 
 These modules import torch, tensorboardX, tqdm and matplotlib only when used, so
-``import distrain.logging`` (and ``distrain report``) stay light.
+``import distrain.logging`` (and ``distrain report``) stay light; the fast-start server imports
+the two a training script needs up front (``DISTRAIN_PRELOAD``, read by
+``distrain/launchers/preload_guard.py``).
 """
 
 from distrain.logging.metrics import (
@@ -49,3 +51,5 @@ __all__ = [
     "summary_line",
     "train_scalars",
 ]
+
+DISTRAIN_PRELOAD = ("tensorboardX", "tqdm")

@@ -1,0 +1,40 @@
+"""Imported by the fast-start server last: the script's own imports, each allowed to fail.
+
+``multiprocessing``'s forkserver skips a preload module that raises ImportError but dies on any
+other error, so the modules found in the script (``--preload auto``) come through here: each is
+imported with every error ignored (the worker imports it again and shows the real error). The
+list arrives in ``DISTRAIN_PRELOAD_SCRIPT_IMPORTS``, removed at once so no worker inherits it.
+A module imported here may list modules it imports lazily in ``DISTRAIN_PRELOAD`` (e.g.
+``distrain.data.datasets`` names scikit-learn): they are imported too.
+If an import initialised CUDA (which a forked child cannot use), say which one and how to avoid it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+ENV = "DISTRAIN_PRELOAD_SCRIPT_IMPORTS"
+
+
+def _import_all(names: list[str]) -> None:
+    pending = list(names)
+    while pending:
+        name = pending.pop(0)
+        try:
+            module = importlib.import_module(name)
+        except BaseException:  # anything: the worker imports it again and reports it
+            continue
+        # A module may name what it imports lazily (optional dependencies) for the server to load.
+        lazy = getattr(module, "DISTRAIN_PRELOAD", ())
+        pending.extend(str(extra) for extra in lazy if extra not in sys.modules)
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            print(f"distrain: importing {name} in the fast-start server initialised CUDA, which "
+                  "forked workers cannot use; pass --preload torch (or --start-method spawn)",
+                  file=sys.stderr, flush=True)
+            return
+
+
+_import_all([name for name in os.environ.pop(ENV, "").split(",") if name])
