@@ -37,7 +37,8 @@ def test_the_scripts_own_modules_and_thread_starting_ones_are_left_out(tmp_path:
     script.write_text("import helpers\nimport mypkg.models\nimport ray\nimport torch\n"
                       "import sklearn.datasets\n")
     assert script_imports(str(script), module=False) == ["torch", "sklearn.datasets"]
-    assert resolve_preload(("auto", "torch"), str(script), module=False) == (["torch"], ["sklearn.datasets"])
+    assert resolve_preload(("auto", "torch"), str(script), module=False) == (
+        ["torch"], ["sklearn.datasets", "torch._dynamo"])
     assert resolve_preload(("torch",), str(script), module=False) == (["torch"], [])
     assert script_imports(str(tmp_path / "missing.py"), module=False) == []
 
