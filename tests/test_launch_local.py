@@ -261,7 +261,9 @@ def _square_plus(x: int) -> int:
 def test_python_api_returns_each_ranks_value() -> None:
     from distrain.launch import run
 
+    before = signal.getsignal(signal.SIGTERM)
     assert run(_square_plus, 10, nproc=2) == {0: 10, 1: 11}
+    assert signal.getsignal(signal.SIGTERM) is before  # elastic's raising handler is not left behind
 
 
 def _raise_while_a_peer_fails_first() -> None:

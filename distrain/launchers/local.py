@@ -19,6 +19,7 @@ import shutil
 import signal as signal_module
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -126,6 +127,24 @@ def scoped_environ(changes: dict[str, str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def restored_signal_handlers() -> Iterator[None]:
+    """The agent installs handlers that raise SignalException; a Python caller of ``launch``/``run``
+    must get its own handlers back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+    saved = {sig: signal_module.getsignal(sig) for name in names
+             if (sig := getattr(signal_module, name, None)) is not None}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal_module.signal(sig, handler)
+
+
+@contextlib.contextmanager
 def quiet_function_failures() -> Iterator[None]:
     """Hide the agent's own traceback for a failed function worker; our summary says it better."""
     agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
@@ -181,7 +200,7 @@ class LocalLauncher(Launcher):
         )
         entrypoint, args = worker_command(config)
         try:
-            with scoped_environ(launch_environ(config)):
+            with scoped_environ(launch_environ(config)), restored_signal_handlers():
                 if uses_fast_start(config):
                     from distrain.launchers.preload import start_server
 
