@@ -37,4 +37,18 @@ def _import_all(names: list[str]) -> None:
             return
 
 
-_import_all([name for name in os.environ.pop(ENV, "").split(",") if name])
+def _preload_keeping_environ(names: list[str]) -> None:
+    """Import ``names``, then undo what they did to the environment: scikit-learn, for one, sets
+    KMP_DUPLICATE_LIB_OK at import, and workers must start with exactly the launcher's
+    environment, as under torchrun (a worker that imports such a module finds it loaded, so
+    the module's import-time ``os.environ`` changes are not made in the worker)."""
+    saved = dict(os.environ)
+    try:
+        _import_all(names)
+    finally:
+        if dict(os.environ) != saved:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+_preload_keeping_environ([name for name in os.environ.pop(ENV, "").split(",") if name])
