@@ -35,8 +35,9 @@ real ``torchrun`` key by key (ports and run ids aside).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from distrain.errors import ConfigError
@@ -169,3 +170,21 @@ def default_omp_num_threads(nproc_per_node: int, environ: Mapping[str, str] | No
     if "OMP_NUM_THREADS" in env:
         return env["OMP_NUM_THREADS"]
     return "1" if nproc_per_node > 1 else None
+
+
+@contextlib.contextmanager
+def scoped_environ(changes: Mapping[str, str]) -> Iterator[None]:
+    """Set ``changes`` in ``os.environ`` for the block; afterwards restore it exactly.
+
+    Whatever else the block writes to ``os.environ`` (torch elastic's agent, ``ray.init``, a
+    module imported in the fast-start server) is undone too: a Python caller of ``launch``/``run``
+    and every worker start from the environment they had.
+    """
+    saved = dict(os.environ)
+    os.environ.update(changes)
+    try:
+        yield
+    finally:
+        if dict(os.environ) != saved:
+            os.environ.clear()
+            os.environ.update(saved)

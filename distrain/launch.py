@@ -118,10 +118,14 @@ class RankFailure:
                 "group. Fix: call distrain.ddp.cleanup() at the end of the script (or `del model`"
                 " before dist.destroy_process_group()); see README 'Troubleshooting'."
             )
-        if self.log_tail:
-            tail = "\n".join("    " + line for line in self.log_tail.rstrip().splitlines())
-            head += f"\n  last lines of its output:\n{tail}"
-        return head
+        return self.with_output(head)
+
+    def with_output(self, head: str) -> str:
+        """``head`` followed by the last lines of the rank's output, indented."""
+        if not self.log_tail:
+            return head
+        tail = "\n".join("    " + line for line in self.log_tail.rstrip().splitlines())
+        return f"{head}\n  last lines of its output:\n{tail}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -23,10 +23,8 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
 from distrain.errors import ConfigError
+from distrain.logging.metrics import reduce_max
 
 __all__ = ["StopSignal"]
 
@@ -59,12 +57,7 @@ class StopSignal:
         Collective when a process group is initialised: call it on every rank at the same point
         of the loop (e.g. after each optimizer step).
         """
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.requested
-        device = _collective_device()
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return reduce_max({"stop": 1.0 if self.requested else 0.0})["stop"] > 0
 
     def restore(self) -> None:
         """Put back the handlers that were installed before this object."""
@@ -85,9 +78,3 @@ class StopSignal:
 
         return handler
 
-
-def _collective_device() -> torch.device:
-    """nccl reduces CUDA tensors only; gloo takes CPU ones."""
-    if dist.get_backend() == "nccl" and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

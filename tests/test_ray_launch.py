@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from distrain.env import CONTRACT_KEYS
+from distrain.launchers.base import restored_signal_handlers
 from tests.helpers import PYTHON, REPO, assert_ok, child_env, distrain
 from tests.scripts.ray_harness import (
     Launcher,
@@ -55,7 +56,8 @@ VOLATILE = {"MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE", "MA
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LoopbackCluster]:
     temp_dir = tempfile.mkdtemp(prefix="dray-", dir="/tmp")  # short: Ray's socket paths
-    with pytest.MonkeyPatch.context() as patch:
+    # The in-process head installs Ray's SIGTERM handler (it exits); later tests need theirs.
+    with pytest.MonkeyPatch.context() as patch, restored_signal_handlers():
         patch.setenv("RAY_TMPDIR", temp_dir)
         patch.delenv("RAY_ADDRESS", raising=False)
         loopback = LoopbackCluster(temp_dir)
@@ -207,7 +209,9 @@ def test_python_api_run_returns_each_ranks_value(
     from tests.scripts.ray_fns import rank_report
 
     monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+    before = signal.getsignal(signal.SIGTERM)
     values = run(rank_report, "hello", nproc=2, launcher="ray")
+    assert signal.getsignal(signal.SIGTERM) is before  # Ray's driver handler is not left behind
     assert sorted(values) == [0, 1]
     for rank, value in values.items():
         assert value["rank"] == rank and value["world_size"] == 2 and value["tag"] == "hello"

@@ -8,8 +8,6 @@ step through the resumable loader and the step timer, every 10th step the standa
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ from distrain.data import build_loader
 from distrain.logging import StepTimer, TBLogger, grad_norm, train_scalars
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import WORKLOADS, build  # the same models and data as the plain loop
+from workloads import build, worker_args, write_rates  # the same models and data as the plain loop
 
 
 def measure(name: str, ctx: ddp.Context, log_dir: Path, scale: float) -> float:
@@ -56,17 +54,13 @@ def measure(name: str, ctx: ddp.Context, log_dir: Path, scale: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--workloads", default=",".join(WORKLOADS))
-    parser.add_argument("--scale", type=float, default=1.0)
-    args = parser.parse_args()
+    args = worker_args()
     ctx = ddp.init()
     out = Path(args.out)
     rates = {name: measure(name, ctx, out.parent / f"tb-{out.stem}", args.scale)
              for name in args.workloads.split(",")}
     if ctx.is_main:
-        out.write_text(json.dumps(rates | {"threads": torch.get_num_threads()}))
+        write_rates(out, rates)
     ddp.cleanup()
 
 

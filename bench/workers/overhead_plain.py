@@ -7,9 +7,7 @@ distrain import. Rank 0 writes ``{"<workload>": steps_per_s, ...}`` to ``--out``
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import WORKLOADS, build
+from workloads import build, worker_args, write_rates
 
 
 def measure(name: str, rank: int, world_size: int, log_dir: Path, scale: float) -> float:
@@ -58,18 +56,14 @@ def measure(name: str, rank: int, world_size: int, log_dir: Path, scale: float) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--workloads", default=",".join(WORKLOADS))
-    parser.add_argument("--scale", type=float, default=1.0)
-    args = parser.parse_args()
+    args = worker_args()
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     out = Path(args.out)
     rates = {name: measure(name, rank, world_size, out.parent / f"tb-{out.stem}", args.scale)
              for name in args.workloads.split(",")}
     if rank == 0:
-        out.write_text(json.dumps(rates | {"threads": torch.get_num_threads()}))
+        write_rates(out, rates)
     dist.barrier()
     dist.destroy_process_group()
 

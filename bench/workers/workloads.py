@@ -8,7 +8,10 @@ larger steps with a real gradient all-reduce (11.6 MB).
 
 from __future__ import annotations
 
+import argparse
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -70,3 +73,17 @@ def build(name: str, *, scale: float = 1.0) -> Workload:
         return Workload(name=name, model=model, dataset=data, batch_size=64, warmup=5,
                         steps=max(10, int(40 * scale)))
     raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOADS}")
+
+
+def worker_args() -> argparse.Namespace:
+    """The flags both overhead workers take."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--scale", type=float, default=1.0)
+    return parser.parse_args()
+
+
+def write_rates(out: Path, rates: dict[str, float]) -> None:
+    """Rank 0's result: steps/s per workload, and the intra-op threads it trained with."""
+    out.write_text(json.dumps(rates | {"threads": torch.get_num_threads()}))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
+import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -12,6 +16,8 @@ if TYPE_CHECKING:
 TEARDOWN_ABORT_LINE = "terminate called without an active exception"
 _TRACEBACK = re.compile(r"^Traceback \(most recent call last\):", re.MULTILINE)
 SIGABRT_EXIT = -6
+# What the launchers forward to workers (torchrun's TORCHELASTIC_SIGNALS_TO_HANDLE).
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 class Launcher(ABC):
@@ -34,3 +40,22 @@ def is_teardown_abort(exitcode: int, signal_name: str | None, log_text: str) -> 
 
 def tail_text(text: str, lines: int = 20) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def restored_signal_handlers() -> Iterator[None]:
+    """Give a Python caller of ``launch``/``run`` its own handlers back afterwards.
+
+    torch elastic's agent installs handlers that raise SignalException, and Ray's driver one
+    that exits; both stay installed after the launch returns unless put back.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in HANDLED_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:  # None: installed outside Python, nothing to put back
+                signal.signal(sig, handler)

@@ -19,14 +19,13 @@ import shutil
 import signal as signal_module
 import sys
 import tempfile
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distrain.env import default_omp_num_threads
-from distrain.launchers.base import Launcher, is_teardown_abort, tail_text
+from distrain.env import default_omp_num_threads, scoped_environ
+from distrain.launchers.base import Launcher, is_teardown_abort, restored_signal_handlers, tail_text
 
 if TYPE_CHECKING:
     from distrain.launch import LaunchConfig, RankFailure, RunResult
@@ -108,40 +107,6 @@ def launch_environ(config: LaunchConfig) -> dict[str, str]:
     if config.max_restarts > 0:
         changes.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     return changes
-
-
-@contextlib.contextmanager
-def scoped_environ(changes: dict[str, str]) -> Iterator[None]:
-    """Set ``changes`` in ``os.environ`` for the launch; afterwards restore it exactly.
-
-    The agent also writes to ``os.environ`` (``TORCHELASTIC_SIGNALS_TO_HANDLE``); a Python
-    caller of ``launch``/``run`` must not inherit that.
-    """
-    saved = dict(os.environ)
-    os.environ.update(changes)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-@contextlib.contextmanager
-def restored_signal_handlers() -> Iterator[None]:
-    """The agent installs handlers that raise SignalException; a Python caller of ``launch``/``run``
-    must get its own handlers back afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
-    saved = {sig: signal_module.getsignal(sig) for name in names
-             if (sig := getattr(signal_module, name, None)) is not None}
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            if handler is not None:
-                signal_module.signal(sig, handler)
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ DEFAULT_PRELOAD = ("torch", "torch.distributed")
 def start_server(preload: Sequence[str], script: str, *, module: bool) -> None:
     """Start the forkserver now (it imports torch, ``--preload`` and, with ``auto``, the script's
     top-level imports) so it warms up while we set up."""
+    from distrain.env import scoped_environ
     from distrain.launchers import preload_guard
     from distrain.launchers.preload_scan import resolve_preload
 
@@ -46,15 +47,9 @@ def start_server(preload: Sequence[str], script: str, *, module: bool) -> None:
     if found:
         modules.append(preload_guard.__name__)
     multiprocessing.set_forkserver_preload(modules)
-    if not found:
-        multiprocessing.forkserver.ensure_running()
-        return
     # Read (and removed) by the server's preload_guard; the workers must not inherit it.
-    os.environ[preload_guard.ENV] = ",".join(found)
-    try:
+    with scoped_environ({preload_guard.ENV: ",".join(found)} if found else {}):
         multiprocessing.forkserver.ensure_running()
-    finally:
-        os.environ.pop(preload_guard.ENV, None)
 
 
 def run_script(script: str, args: Sequence[str], module: bool) -> None:

@@ -15,6 +15,8 @@ import importlib
 import os
 import sys
 
+from distrain.env import scoped_environ
+
 ENV = "DISTRAIN_PRELOAD_SCRIPT_IMPORTS"
 
 
@@ -42,13 +44,8 @@ def _preload_keeping_environ(names: list[str]) -> None:
     KMP_DUPLICATE_LIB_OK at import, and workers must start with exactly the launcher's
     environment, as under torchrun (a worker that imports such a module finds it loaded, so
     the module's import-time ``os.environ`` changes are not made in the worker)."""
-    saved = dict(os.environ)
-    try:
+    with scoped_environ({}):
         _import_all(names)
-    finally:
-        if dict(os.environ) != saved:
-            os.environ.clear()
-            os.environ.update(saved)
 
 
 _preload_keeping_environ([name for name in os.environ.pop(ENV, "").split(",") if name])

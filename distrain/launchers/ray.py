@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distrain.errors import ConfigError
-from distrain.launchers.base import Launcher
+from distrain.launchers.base import Launcher, restored_signal_handlers
 
 if TYPE_CHECKING:
     from distrain.launch import LaunchConfig, RunResult
@@ -93,7 +93,8 @@ class RayLauncher(Launcher):
         plan = plan_command(config, target)
         # Signals are caught after ray.init: Ray's driver installs its own SIGTERM handler
         # (which prints a stack and exits), and ours must be the one in place.
-        with ray_session(target, runtime_env=plan.runtime_env, num_cpus=cpus, say=say), \
+        with restored_signal_handlers(), \
+                ray_session(target, runtime_env=plan.runtime_env, num_cpus=cpus, say=say), \
                 catch_signals() as stop:
             attempt = 0
             while True:

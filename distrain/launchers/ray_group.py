@@ -47,11 +47,8 @@ class RayRankFailure(RankFailure):
             return f"the workers could not start: {self.reason}"
         if not self.reason:
             return RankFailure.describe(self)
-        head = f"rank {self.rank} (local rank {self.local_rank} on {self.node}) failed: {self.reason}"
-        if self.log_tail:
-            tail = "\n".join("    " + line for line in self.log_tail.rstrip().splitlines())
-            head += f"\n  last lines of its output:\n{tail}"
-        return head
+        return self.with_output(f"rank {self.rank} (local rank {self.local_rank} on {self.node}) failed: "
+                                f"{self.reason}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

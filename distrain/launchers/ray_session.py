@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from distrain.env import scoped_environ
 from distrain.errors import ConfigError
+from distrain.launchers.base import HANDLED_SIGNALS
 
 if TYPE_CHECKING:
     from distrain.launch import LaunchConfig, RayOptions
@@ -41,7 +43,6 @@ FORWARDED_PREFIXES = (
 )
 FORWARDED_NAMES = ("PYTHONHASHSEED", "CUDA_LAUNCH_BLOCKING", "LOGLEVEL")
 SHIP_EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.pyc", ".mypy_cache", ".pytest_cache"]
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,35 +157,33 @@ def ray_session(target: Target, *, runtime_env: Mapping[str, Any], num_cpus: flo
     be uploaded at this level. A caller's own ``ray.init`` is used as it is. ``os.environ`` is
     restored on exit.
     """
-    saved = dict(os.environ)  # ray.init writes to os.environ (PYTHONBREAKPOINT, ...)
-    if target.embedded or _is_loopback(target.address):
-        # Read when Ray is imported: a local Ray then binds 127.0.0.1 and a loopback address is
-        # dialled as it is. Without it Ray turns 127.0.0.1 into the machine's outward address
-        # and a driver for a loopback cluster waits forever for a GCS that is not there.
-        os.environ.setdefault(LOOPBACK_ENV, "0")
-    import ray
+    # Read when Ray is imported: a local Ray then binds 127.0.0.1 and a loopback address is
+    # dialled as it is. Without it Ray turns 127.0.0.1 into the machine's outward address and a
+    # driver for a loopback cluster waits forever for a GCS that is not there.
+    loopback = target.embedded or _is_loopback(target.address)
+    changes = {LOOPBACK_ENV: os.environ.get(LOOPBACK_ENV, "0")} if loopback else {}
+    with scoped_environ(changes):  # ray.init also writes to os.environ (PYTHONBREAKPOINT, ...)
+        import ray
 
-    env = dict(runtime_env) or None
-    try:
-        if target.embedded:
-            cpus = max(os.cpu_count() or 1, math.ceil(num_cpus))
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING, runtime_env=env)
-            say(f"distrain: started a local Ray ({cpus} CPUs, dashboard off)")
-        elif not target.joined:
-            try:
-                ray.init(address=target.address, log_to_driver=False,
+        env = dict(runtime_env) or None
+        try:
+            if target.embedded:
+                cpus = max(os.cpu_count() or 1, math.ceil(num_cpus))
+                ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
                          logging_level=logging.WARNING, runtime_env=env)
-            except Exception as error:  # Ray's own message spans a traceback; say it in one line
-                raise ConfigError("--address", target.address, "a Ray cluster this machine can join",
-                                  connect_fix(error)) from None
-            say(f"distrain: connected to the Ray cluster at {target.address}")
-        yield
-    finally:
-        if not target.joined and ray.is_initialized():
-            ray.shutdown()
-        os.environ.clear()  # a Python caller gets its environment back exactly
-        os.environ.update(saved)
+                say(f"distrain: started a local Ray ({cpus} CPUs, dashboard off)")
+            elif not target.joined:
+                try:
+                    ray.init(address=target.address, log_to_driver=False,
+                             logging_level=logging.WARNING, runtime_env=env)
+                except Exception as error:  # Ray's message spans a traceback; say it in one line
+                    raise ConfigError("--address", target.address, "a Ray cluster this machine can join",
+                                      connect_fix(error)) from None
+                say(f"distrain: connected to the Ray cluster at {target.address}")
+            yield
+        finally:
+            if not target.joined and ray.is_initialized():
+                ray.shutdown()
 
 
 def connect_fix(error: BaseException) -> str:
