@@ -245,8 +245,7 @@ def hang(root: Path, *, timeout: float = 5.0, start_method: str = "forkserver") 
     return Hang(
         exit_code=done.returncode, timeout_s=timeout,
         seconds_to_exit=round(done.ended - stuck_at, 2) if stuck_at else float("nan"),
-        names_failed_rank="rank 0 (local rank 0" in summary
-        and f"Timed out waiting {round(timeout * 1000)}ms" in summary,
+        names_failed_rank="rank 0 (local rank 0" in summary and "collective timed out" in summary,
         leftovers=len(left), summary=summary,
     )
 

@@ -104,6 +104,7 @@ class RankFailure:
     node: str
     log_tail: str
     teardown_abort: bool = False
+    collective_timeout: bool = False  # its output shows a gloo/NCCL collective timeout
     raised: bool = False  # it recorded an uncaught exception of its own (then may have been stopped)
 
     def describe(self) -> str:
@@ -117,6 +118,13 @@ class RankFailure:
                 "aborted at interpreter exit because a DDP/FSDP wrapper outlived the process "
                 "group. Fix: call distrain.ddp.cleanup() at the end of the script (or `del model`"
                 " before dist.destroy_process_group()); see README 'Troubleshooting'."
+            )
+        if self.collective_timeout:
+            head += (
+                "\n  Its collective timed out: another rank did not join the same collective "
+                "within the process group timeout (stuck, far slower, or dead). Look for the rank "
+                "that was not in it; raise ddp.init(timeout=...) only if ranks are legitimately "
+                "that slow (e.g. rank 0 writing a large checkpoint); see README 'Troubleshooting'."
             )
         return self.with_output(head)
 

@@ -38,6 +38,19 @@ def is_teardown_abort(exitcode: int, signal_name: str | None, log_text: str) -> 
     return aborted and TEARDOWN_ABORT_LINE in log_text and not _TRACEBACK.search(log_text)
 
 
+# What gloo and NCCL print when a collective outlives the process group's timeout. gloo says
+# either, depending on which of its threads noticed first.
+_COLLECTIVE_TIMEOUT = re.compile(
+    r"Timed out waiting \d+ms|Application timeout caused pair closure"
+    r"|Watchdog caught collective operation timeout|ProcessGroupNCCL.*[Tt]imeout"
+)
+
+
+def is_collective_timeout(log_text: str) -> bool:
+    """The rank failed because a collective did not complete within the group's timeout."""
+    return bool(_COLLECTIVE_TIMEOUT.search(log_text))
+
+
 def tail_text(text: str, lines: int = 20) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 

@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distrain.env import default_omp_num_threads, scoped_environ
-from distrain.launchers.base import Launcher, is_teardown_abort, restored_signal_handlers, tail_text
+from distrain.launchers.base import (
+    Launcher,
+    is_collective_timeout,
+    is_teardown_abort,
+    restored_signal_handlers,
+    tail_text,
+)
 
 if TYPE_CHECKING:
     from distrain.launch import LaunchConfig, RankFailure, RunResult
@@ -290,5 +296,6 @@ def _describe_failure(rank: int, failure: Any, attempt_dir: Path | None) -> Rank
         log_tail=log_tail,
         # the whole log: a fatal-error dump can push an earlier traceback out of the tail
         teardown_abort=is_teardown_abort(failure.exitcode, signal_name, log_text or log_tail),
+        collective_timeout=is_collective_timeout(log_text or log_tail),
         raised=raised_on_its_own(failure),
     )
