@@ -11,7 +11,8 @@ import pytest
 from distrain.launch import RankFailure
 from distrain.launchers.base import is_collective_timeout, is_teardown_abort
 
-GLOO_TRACE = "Traceback (most recent call last):\n  File \"train.py\", line 100, in main\n    loss.backward()\n"
+GLOO_TRACE = ('Traceback (most recent call last):\n  File "train.py", line 100, in main\n'
+              "    loss.backward()\n")
 
 
 @pytest.mark.parametrize("line", [
