@@ -105,6 +105,7 @@ class RankFailure:
     log_tail: str
     teardown_abort: bool = False
     collective_timeout: bool = False  # its output shows a gloo/NCCL collective timeout
+    peer_lost: bool = False  # its output shows a peer's connection going away
     raised: bool = False  # it recorded an uncaught exception of its own (then may have been stopped)
 
     def describe(self) -> str:
@@ -126,6 +127,9 @@ class RankFailure:
                 "that was not in it; raise ddp.init(timeout=...) only if ranks are legitimately "
                 "that slow (e.g. rank 0 writing a large checkpoint); see README 'Troubleshooting'."
             )
+        elif self.peer_lost:
+            head += ("\n  It lost its connection to a peer: usually a consequence of another "
+                     "rank failing (listed first when distrain saw it fail).")
         return self.with_output(head)
 
     def with_output(self, head: str) -> str:

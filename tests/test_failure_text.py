@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from distrain.launch import RankFailure
-from distrain.launchers.base import is_collective_timeout, is_teardown_abort
+from distrain.launchers.base import causes_first, is_collective_timeout, is_peer_lost, is_teardown_abort
 
 GLOO_TRACE = ('Traceback (most recent call last):\n  File "train.py", line 100, in main\n'
               "    loss.backward()\n")
@@ -47,3 +47,21 @@ def test_the_teardown_abort_needs_sigabrt_the_terminate_line_and_no_traceback() 
     assert is_teardown_abort(1, "SIGABRT", line)
     assert not is_teardown_abort(1, None, line)  # not an abort
     assert not is_teardown_abort(-6, None, GLOO_TRACE + line)  # the script raised first
+
+
+PEER_RESET = ("RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+              "[127.0.0.1]:40841: Connection reset by peer. This is typically caused by a remote worker "
+              "hanging or bugs in the application.")
+
+
+def test_a_rank_that_only_lost_its_peer_is_listed_after_the_cause() -> None:
+    lost = RankFailure(rank=0, local_rank=0, exitcode=1, signal=None, node="n",
+                       log_tail=GLOO_TRACE + PEER_RESET, peer_lost=is_peer_lost(PEER_RESET))
+    cause_text = GLOO_TRACE + "RuntimeError: rank 1 fails on purpose"
+    cause = RankFailure(rank=1, local_rank=1, exitcode=1, signal=None, node="n",
+                        log_tail=cause_text, peer_lost=is_peer_lost(cause_text))
+    # rank 0 recorded its error first (its barrier failed the moment rank 1 left the group)
+    assert causes_first([lost, cause]) == (cause, lost)
+    assert causes_first([cause, lost]) == (cause, lost)
+    assert "lost its connection to a peer" in lost.describe()
+    assert "peer" not in cause.describe()

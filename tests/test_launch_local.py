@@ -266,6 +266,28 @@ def test_python_api_returns_each_ranks_value() -> None:
     assert signal.getsignal(signal.SIGTERM) is before  # elastic's raising handler is not left behind
 
 
+@pytest.mark.timeout(120)
+def test_python_api_launches_a_script_twice_each_time_with_a_fresh_server(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_method: str) -> None:
+    from distrain.launch import LaunchConfig, launch, run
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    # a function launch first (forkserver: the default): its server must go too
+    assert run(_square_plus, 0, nproc=1) == {0: 0}
+    for nproc, omp_threads in ((2, "1"), (1, None)):  # torchrun's rule: 1 thread when several ranks
+        out = tmp_path / str(nproc)
+        out.mkdir()
+        monkeypatch.setenv("OUT_DIR", str(out))
+        result = launch(LaunchConfig(entrypoint=str(SCRIPTS / "dump_env.py"), nproc_per_node=nproc,
+                                     start_method=start_method))
+        assert result.ok, result.summary()
+        assert [env.get("OMP_NUM_THREADS") for env in _envs(out).values()] == [omp_threads] * nproc
+        assert "OMP_NUM_THREADS" not in os.environ  # the launch's environment is undone...
+        # ...and its server gone (multiprocessing's resource tracker lives as long as this process)
+        left = [" ".join(child.cmdline()) for child in psutil.Process().children()]
+        assert not [cmd for cmd in left if "resource_tracker" not in cmd], left
+
+
 def _raise_while_a_peer_fails_first() -> None:
     import atexit
     import threading
@@ -319,7 +341,11 @@ def test_script_behaves_like_a_fresh_interpreter(tmp_path: Path, start_method: s
 @pytest.mark.timeout(180)
 def test_the_fast_start_server_preloads_the_scripts_imports(tmp_path: Path, start_method: str) -> None:
     probe = str(SCRIPTS / "preload_probe.py")
-    for preload, expected in (("auto", ["sklearn.datasets", "tensorboardX"]), ("torch", [])):
+    cases = (("auto", ["sklearn.datasets", "tensorboardX", "torch._dynamo"]), ("torch", []),
+             # a module named outright brings what it lists in DISTRAIN_PRELOAD too (sklearn and
+             # torchvision, which imports torch._dynamo itself)
+             ("distrain.data.datasets", ["sklearn.datasets", "torch._dynamo"]))
+    for preload, expected in cases:
         out = tmp_path / preload
         out.mkdir()
         result = distrain("launch", "--nproc-per-node", "2", "--preload", preload, probe,
@@ -328,6 +354,8 @@ def test_the_fast_start_server_preloads_the_scripts_imports(tmp_path: Path, star
         for rank in (0, 1):
             seen = json.loads((out / f"probe-{rank}.json").read_text())
             assert seen["loaded"] == (expected if start_method == "forkserver" else []), (preload, seen)
+            # the server froze what it imported: a worker's gc never walks (and copies) it
+            assert (seen["frozen"] > 100_000) == (start_method == "forkserver"), seen["frozen"]
             assert "DISTRAIN_PRELOAD_SCRIPT_IMPORTS" not in seen["env"]
 
 

@@ -40,6 +40,10 @@ def test_the_scripts_own_modules_and_thread_starting_ones_are_left_out(tmp_path:
     assert resolve_preload(("auto", "torch"), str(script), module=False) == (
         ["torch"], ["sklearn.datasets", "torch._dynamo"])
     assert resolve_preload(("torch",), str(script), module=False) == (["torch"], [])
+    # DDP and the first optimizer step import torch._dynamo, even where torch comes in indirectly
+    bare = tmp_path / "bare.py"
+    bare.write_text("import mypkg.models\n")
+    assert resolve_preload(("auto",), str(bare), module=False) == ([], ["torch._dynamo"])
     assert script_imports(str(tmp_path / "missing.py"), module=False) == []
 
 

@@ -7,11 +7,11 @@ import re
 import signal
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from distrain.launch import LaunchConfig, RunResult
+    from distrain.launch import LaunchConfig, RankFailure, RunResult
 
 TEARDOWN_ABORT_LINE = "terminate called without an active exception"
 _TRACEBACK = re.compile(r"^Traceback \(most recent call last\):", re.MULTILINE)
@@ -49,6 +49,27 @@ _COLLECTIVE_TIMEOUT = re.compile(
 def is_collective_timeout(log_text: str) -> bool:
     """The rank failed because a collective did not complete within the group's timeout."""
     return bool(_COLLECTIVE_TIMEOUT.search(log_text))
+
+
+# What a rank prints when a peer process went away under it (gloo, NCCL): a consequence.
+_PEER_LOST = re.compile(
+    r"Connection reset by peer|Connection closed by peer|remote process exited"
+    r"|NCCL communicator was aborted"
+)
+
+
+def is_peer_lost(log_text: str) -> bool:
+    """The rank failed because a peer's connection went away (that peer failed first)."""
+    return bool(_PEER_LOST.search(log_text))
+
+
+def causes_first(failures: Sequence[RankFailure]) -> tuple[RankFailure, ...]:
+    """Ranks that failed on their own before those that only lost a peer; otherwise as given.
+
+    When a rank raises, its peers' collectives fail within microseconds, and a peer can record
+    its error (and exit) before the rank that caused it: time alone does not find the cause.
+    """
+    return tuple(sorted(failures, key=lambda failure: failure.peer_lost))
 
 
 def tail_text(text: str, lines: int = 20) -> str:

@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 from distrain.env import default_omp_num_threads, scoped_environ
 from distrain.launchers.base import (
     Launcher,
+    causes_first,
     is_collective_timeout,
+    is_peer_lost,
     is_teardown_abort,
     restored_signal_handlers,
     tail_text,
@@ -134,6 +136,25 @@ class LocalLauncher(Launcher):
     """Starts ``nproc_per_node`` workers on this node through ``torch.distributed.elastic``."""
 
     def launch(self, config: LaunchConfig) -> RunResult:
+        from distrain.launchers.preload import start_server, stop_server
+
+        forkserver = config.start_method == "forkserver"
+        with scoped_environ(launch_environ(config)), restored_signal_handlers():
+            if forkserver:
+                # multiprocessing keeps one forkserver per process: one left by an earlier launch
+                # (Python API) would fork workers with its stale environment and preload list.
+                stop_server()
+            if uses_fast_start(config):
+                # First, before this process imports torch: the server's imports then run
+                # beside ours (two cores busy, not one after the other).
+                start_server(config.preload, str(config.entrypoint), module=config.module)
+            try:
+                return self._launch(config)
+            finally:
+                if forkserver:
+                    stop_server()
+
+    def _launch(self, config: LaunchConfig) -> RunResult:
         from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
         from torch.distributed.elastic.multiprocessing.api import SignalException
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -171,13 +192,8 @@ class LocalLauncher(Launcher):
         )
         entrypoint, args = worker_command(config)
         try:
-            with scoped_environ(launch_environ(config)), restored_signal_handlers():
-                if uses_fast_start(config):
-                    from distrain.launchers.preload import start_server
-
-                    start_server(config.preload, str(config.entrypoint), module=config.module)
-                with quiet_function_failures():
-                    outputs = elastic_launch(torch_config, entrypoint)(*args)
+            with quiet_function_failures():
+                outputs = elastic_launch(torch_config, entrypoint)(*args)
             values = {rank: value for rank, value in (outputs or {}).items()}
             if not values:
                 first = config.node_rank * config.nproc_per_node
@@ -188,9 +204,9 @@ class LocalLauncher(Launcher):
             found = {**_recorded_elsewhere(error.failures, attempt_dir), **error.failures}
             # Earliest first: the rank that failed first is usually the cause.
             by_time = sorted(found.items(), key=lambda item: (_failed_at(item[1]), item[0]))
-            failures = primary_failures([
+            failures = causes_first(primary_failures([
                 _describe_failure(rank, failure, attempt_dir) for rank, failure in by_time
-            ])
+            ]))
             return RunResult(return_values={}, failures=failures,
                              log_dir=None if own_log_dir else log_root)
         except SignalException as error:
@@ -297,5 +313,6 @@ def _describe_failure(rank: int, failure: Any, attempt_dir: Path | None) -> Rank
         # the whole log: a fatal-error dump can push an earlier traceback out of the tail
         teardown_abort=is_teardown_abort(failure.exitcode, signal_name, log_text or log_tail),
         collective_timeout=is_collective_timeout(log_text or log_tail),
+        peer_lost=is_peer_lost(log_text or log_tail),
         raised=raised_on_its_own(failure),
     )

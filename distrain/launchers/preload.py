@@ -43,13 +43,22 @@ def start_server(preload: Sequence[str], script: str, *, module: bool) -> None:
     from distrain.launchers.preload_scan import resolve_preload
 
     named, found = resolve_preload(preload, script, module=module)
-    modules = list(dict.fromkeys([*DEFAULT_PRELOAD, *named]))
-    if found:
-        modules.append(preload_guard.__name__)
-    multiprocessing.set_forkserver_preload(modules)
+    # Everything beyond torch goes through the guard: it tolerates any import error, loads what a
+    # module names in DISTRAIN_PRELOAD (named and found modules alike), undoes import-time
+    # environment changes, and freezes the server's objects for the gc before the forks.
+    extra = [name for name in dict.fromkeys([*named, *found]) if name not in DEFAULT_PRELOAD]
+    multiprocessing.set_forkserver_preload([*DEFAULT_PRELOAD, preload_guard.__name__])
     # Read (and removed) by the server's preload_guard; the workers must not inherit it.
-    with scoped_environ({preload_guard.ENV: ",".join(found)} if found else {}):
+    with scoped_environ({preload_guard.ENV: ",".join(extra)}):
         multiprocessing.forkserver.ensure_running()
+
+
+def stop_server() -> None:
+    """Stop this process's forkserver, if any: the next launch from the same process (the Python
+    API) then starts its own, with its own preload list and environment."""
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    with contextlib.suppress(AttributeError, OSError):
+        server._stop()  # type: ignore[union-attr]
 
 
 def run_script(script: str, args: Sequence[str], module: bool) -> None:

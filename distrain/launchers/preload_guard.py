@@ -1,16 +1,24 @@
-"""Imported by the fast-start server last: the script's own imports, each allowed to fail.
+"""Imported by the fast-start server last: every module beyond torch, each allowed to fail.
 
 ``multiprocessing``'s forkserver skips a preload module that raises ImportError but dies on any
-other error, so the modules found in the script (``--preload auto``) come through here: each is
-imported with every error ignored (the worker imports it again and shows the real error). The
-list arrives in ``DISTRAIN_PRELOAD_SCRIPT_IMPORTS``, removed at once so no worker inherits it.
+other error, so the ``--preload`` modules and those found in the script (``auto``) come through
+here: each is imported with every error ignored (the worker imports it again and shows the real
+error). The list arrives in ``DISTRAIN_PRELOAD_SCRIPT_IMPORTS``, removed at once so no worker
+inherits it.
 A module imported here may list modules it imports lazily in ``DISTRAIN_PRELOAD`` (e.g.
 ``distrain.data.datasets`` names scikit-learn): they are imported too.
 If an import initialised CUDA (which a forked child cannot use), say which one and how to avoid it.
+
+Last, ``gc.freeze()``: the preloaded objects (hundreds of MB of torch, scipy, ...) move to the
+gc's permanent generation, so a worker's collections never walk them. Without it each
+``gc.collect()`` in a worker (``ddp.cleanup()`` runs two) touched every preloaded object, took
+0.47 s and copied the pages it touched out of the shared, copy-on-write memory (measured in a
+forked digits worker: 0.58 s from script start to exit, 0.13 s frozen).
 """
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import sys
@@ -49,3 +57,5 @@ def _preload_keeping_environ(names: list[str]) -> None:
 
 
 _preload_keeping_environ([name for name in os.environ.pop(ENV, "").split(",") if name])
+gc.collect()  # what the imports left as garbage is freed now, not frozen with the rest
+gc.freeze()

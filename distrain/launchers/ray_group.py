@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 from distrain.env import build_worker_env, default_omp_num_threads
 from distrain.launch import RankFailure
-from distrain.launchers.base import is_collective_timeout, is_teardown_abort
+from distrain.launchers.base import (
+    causes_first,
+    is_collective_timeout,
+    is_peer_lost,
+    is_teardown_abort,
+)
 from distrain.launchers.ray_output import RankOutput
 from distrain.launchers.ray_session import CommandPlan, StopRequest, bundle
 from distrain.launchers.ray_worker import RankWorker
@@ -304,8 +309,8 @@ class WorkerGroup:
                 rank=rank, local_rank=place.local_rank, exitcode=code, signal=signal_name,
                 node=place.node, log_tail=tail,
                 teardown_abort=is_teardown_abort(code, signal_name, tail),
-                collective_timeout=is_collective_timeout(tail))))
-        return tuple(failure for _, failure in sorted(found, key=lambda item: item[0]))
+                collective_timeout=is_collective_timeout(tail), peer_lost=is_peer_lost(tail))))
+        return causes_first([failure for _, failure in sorted(found, key=lambda item: item[0])])
 
     def _value(self, report: Mapping[str, Any]) -> Any:
         data = report.get("result")
