@@ -43,12 +43,16 @@ SIZES = (2, 4, 8, 16)
 EXAMPLE = REPO / "examples" / "digits_ddp.py"
 
 
-def example_preload() -> str:
-    """What ``--preload auto`` finds in examples/digits_ddp.py: the worker runs the example through a
-    wrapper (to stamp the first step), so name them as launching the example directly would."""
-    from distrain.launchers.preload_scan import script_imports
+def example_preload(nproc: int) -> str:
+    """What the default ``--preload auto`` gives ``distrain launch examples/digits_ddp.py`` at
+    ``nproc`` ranks: the worker runs the example through a wrapper (to stamp the first step),
+    so the modules are named as launching the example directly would preload them."""
+    from distrain.launchers.preload_scan import resolve_preload, usable_cores
 
-    return ",".join(script_imports(str(EXAMPLE), module=False))
+    _, found = resolve_preload(("auto",), str(EXAMPLE), module=False, nproc=nproc, cores=usable_cores())
+    return ",".join(["torch", *found])
+
+
 FIRST_STEP_GOALS = {2: 1.0, 4: 0.5, 16: 0.25}  # distrain / torchrun, at most
 WORKER = str(WORKERS / "first_step.py")
 
@@ -62,7 +66,7 @@ class Start:
 
 def launcher_cmd(launcher: str, nproc: int) -> list[str]:
     if launcher == "distrain":
-        return distrain_cmd("--nproc-per-node", str(nproc), "--preload", f"auto,{example_preload()}")
+        return distrain_cmd("--nproc-per-node", str(nproc), "--preload", example_preload(nproc))
     if launcher == "distrain-torch-only":
         return distrain_cmd("--nproc-per-node", str(nproc), "--preload", "torch")
     return torchrun_cmd("--nproc-per-node", str(nproc))

@@ -72,8 +72,9 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                             f" fork (function entrypoints). Default {DEFAULT_START_METHOD}")
     fault.add_argument("--preload", default="auto",
                        help="modules the fast-start server imports once for all workers: torch always, "
-                            "plus these (comma-separated); 'auto' (default) adds the script's own "
-                            "top-level imports of installed packages; --preload torch for torch only")
+                            "plus these (comma-separated); 'script' adds the script's top-level "
+                            "imports of installed packages; 'auto' (default) does so when the local "
+                            "ranks outnumber the CPU cores; --preload torch for torch only")
     fault.add_argument("--role", default="default", help="worker role name (default 'default')")
 
     logs = parser.add_argument_group("logs")

@@ -320,6 +320,26 @@ def test_async_save_writes_what_sync_writes_and_snapshots_first(tmp_path: Path) 
     assert verify(tmp_path / "async/step-00000004").ok
 
 
+def test_async_saves_reuse_their_staging_copies_and_each_checkpoint_keeps_its_own_state(
+        tmp_path: Path) -> None:
+    model, optimizer, _ = trained()
+    ckpt = Checkpointer(tmp_path, CTX, async_save=True, keep_last=None)
+    expected, staged = {}, []
+    for step in (1, 2, 3):
+        ckpt.save(step, model=model, optimizer=optimizer)  # waits for the previous write first
+        staged.append({key: tensor.data_ptr() for key, tensor in ckpt._staging.items()})
+        assert staged[-1] == staged[0], "the copies were not reused"
+        expected[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        with torch.no_grad():  # the next save overwrites the staging copies in place
+            for parameter in model.parameters():
+                parameter.mul_(-2.0).add_(step)
+    ckpt.wait()
+    for step, state in expected.items():
+        saved = torch.load(tmp_path / f"step-{step:08d}" / "model.pt", weights_only=True)
+        assert all(torch.equal(saved[k], v) for k, v in state.items()), step
+        assert verify(tmp_path / f"step-{step:08d}").ok
+
+
 def test_async_background_error_surfaces_on_the_next_call(tmp_path: Path) -> None:
     model = nn.Linear(256, 256)
     ckpt = Checkpointer(tmp_path, CTX, async_save=True)

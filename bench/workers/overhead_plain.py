@@ -1,8 +1,11 @@
 """Overhead benchmark, hand-written side: the same workloads, raw torch.distributed under torchrun.
 
 What a user writes without distrain: ``init_process_group``, DDP, ``DistributedSampler`` with a
-DataLoader, and rank 0 logging the loss to TensorBoard (tensorboardX) every 10 steps. No
-distrain import. Rank 0 writes ``{"<workload>": steps_per_s, ...}`` to ``--out``.
+DataLoader, and every 10 steps the same scalars the distrain side logs, computed by hand: the loss
+and throughput averaged over ranks, the gradient norm, the lr, the peak resident memory over
+ranks (two all-reduces), written to TensorBoard (tensorboardX) by rank 0. The same work, so the
+ratio measures distrain's own overhead. No distrain import. Rank 0 writes
+``{"<workload>": steps_per_s, ...}`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 from tensorboardX import SummaryWriter
@@ -23,6 +27,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workloads import build, worker_args, write_rates
 
 
+def log_scalars(writer: SummaryWriter | None, model: torch.nn.Module, loss: torch.Tensor,
+                optimizer: torch.optim.Optimizer, epoch: int, step: int, global_batch: int,
+                last: dict[str, float]) -> None:
+    """The scalars distrain's ``train_scalars`` logs; ``last``: when and at which step the
+    previous point was logged (updated)."""
+    now = time.perf_counter()
+    seconds = (now - last["time"]) / max(step - last["step"], 1)
+    last.update(time=now, step=step)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    means = torch.tensor([loss.item(), norm.item(), global_batch / seconds, seconds], dtype=torch.float64)
+    dist.all_reduce(means)
+    means /= dist.get_world_size()
+    rss = torch.tensor([psutil.Process().memory_info().rss / 2**20], dtype=torch.float64)
+    dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+    if writer is not None:
+        names = ("train/loss", "train/grad_norm", "perf/samples_per_s", "perf/step_time_s")
+        for name, value in zip(names, means.tolist()):
+            writer.add_scalar(name, value, step)
+        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+        writer.add_scalar("train/epoch", epoch, step)
+        writer.add_scalar("sys/rss_mb", rss.item(), step)
+
+
 def measure(name: str, rank: int, world_size: int, log_dir: Path, scale: float) -> float:
     work = build(name, scale=scale)
     sampler: DistributedSampler[tuple[torch.Tensor, ...]] = DistributedSampler(
@@ -32,6 +60,7 @@ def measure(name: str, rank: int, world_size: int, log_dir: Path, scale: float) 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     writer = SummaryWriter(str(log_dir / name)) if rank == 0 else None
     step, epoch, start = 0, 0, 0.0
+    last = {"time": time.perf_counter(), "step": 0.0}
     while step < work.warmup + work.steps:
         sampler.set_epoch(epoch)
         for x, y in loader:
@@ -40,8 +69,8 @@ def measure(name: str, rank: int, world_size: int, log_dir: Path, scale: float) 
             loss.backward()
             optimizer.step()
             step += 1
-            if step % 10 == 0 and writer is not None:
-                writer.add_scalar("train/loss", loss.item(), step)
+            if step % 10 == 0:
+                log_scalars(writer, model, loss, optimizer, epoch, step, len(y) * world_size, last)
             if step == work.warmup:
                 start = time.perf_counter()
             if step == work.warmup + work.steps:

@@ -100,6 +100,9 @@ class Checkpointer:
         self.values: dict[str, Any] = {}  # the JSON values of the checkpoint last loaded
         self.path: Path | None = None  # the checkpoint directory last loaded (or saved, sync)
         self._writer = BackgroundWriter()
+        # Async: the CPU copies of the last save, reused by the next one once its write is done
+        # (save() waits for it first), so the pause is a copy into warm pages.
+        self._staging: dict[str, torch.Tensor] = {}
         if ctx.is_main:
             self.store.create()
             self.store.remove_stale()
@@ -186,7 +189,8 @@ class Checkpointer:
             else:
                 fresh = gathered is not None and name in gathered  # gathered: a private copy
                 state = gathered[name] if gathered is not None and fresh else state_of(obj, kind)
-                states[name] = snapshot(state, copy=self.async_save and not fresh, where=name)
+                states[name] = snapshot(state, copy=self.async_save and not fresh, where=name,
+                                        staging=self._staging)
                 described[name] = {"type": kind, "file": f"{name}.pt", "class": original_class(obj)}
         described.update(elsewhere or {})
         rng = {"world_size": self.ctx.world_size, "ranks": rngs}

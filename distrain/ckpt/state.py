@@ -72,15 +72,22 @@ def state_of(obj: Any, kind: str) -> Any:
     return obj
 
 
-def snapshot(value: Any, *, copy: bool, where: str) -> Any:
+def snapshot(value: Any, *, copy: bool, where: str, staging: dict[str, torch.Tensor] | None = None) -> Any:
     """``value`` with every tensor on the CPU (copied when ``copy``: the caller keeps training
     while a background thread writes). Raises a ConfigError naming the first value that
-    ``torch.load(weights_only=True)`` would refuse, so no unloadable checkpoint is written."""
+    ``torch.load(weights_only=True)`` would refuse, so no unloadable checkpoint is written.
+
+    ``staging``: CPU buffers from the previous snapshot, keyed by ``where``, reused for copies
+    of the same shape (updated in place). Copying into pages that are already mapped is several
+    times faster than a fresh ``clone()``, whose first touch of each page faults it in.
+    """
     if isinstance(value, torch.Tensor):
         if type(value) not in (torch.Tensor, nn.Parameter):
             raise ConfigError(where, type(value).__name__, "a plain torch.Tensor",
                               "convert it with .full_tensor() / torch.Tensor(...) before saving")
         tensor = value.detach()
+        if copy and staging is not None and tensor.is_contiguous():
+            return _staged_copy(tensor, where, staging)
         if tensor.device.type != "cpu":
             return tensor.to("cpu")
         return tensor.clone() if copy else tensor
@@ -89,10 +96,10 @@ def snapshot(value: Any, *, copy: bool, where: str) -> Any:
     if isinstance(value, np.generic):  # a numpy scalar: its plain Python value loads safely
         return value.item()
     if type(value) in (dict, OrderedDict):
-        out = {k: snapshot(v, copy=copy, where=f"{where}.{k}") for k, v in value.items()}
+        out = {k: snapshot(v, copy=copy, where=f"{where}.{k}", staging=staging) for k, v in value.items()}
         return OrderedDict(out) if type(value) is OrderedDict else out
     if type(value) in (list, tuple, set):
-        items = [snapshot(v, copy=copy, where=f"{where}[{i}]") for i, v in enumerate(value)]
+        items = [snapshot(v, copy=copy, where=f"{where}[{i}]", staging=staging) for i, v in enumerate(value)]
         return type(value)(items)
     if isinstance(value, np.ndarray):
         raise ConfigError(where, "numpy.ndarray", "a tensor (numpy arrays need pickle to load)",
@@ -100,6 +107,14 @@ def snapshot(value: Any, *, copy: bool, where: str) -> Any:
     raise ConfigError(where, type(value).__name__,
                       "tensors, numbers, strings, None and dict/list/tuple of them",
                       "return only such values from state_dict() (they load with weights_only=True)")
+
+
+def _staged_copy(tensor: torch.Tensor, where: str, staging: dict[str, torch.Tensor]) -> torch.Tensor:
+    buffer = staging.get(where)
+    if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+        buffer = torch.empty(tensor.shape, dtype=tensor.dtype)
+        staging[where] = buffer
+    return buffer.copy_(tensor)
 
 
 def safe_load(path: Path, *, map_location: torch.device | str) -> Any:

@@ -147,7 +147,8 @@ class LocalLauncher(Launcher):
             if uses_fast_start(config):
                 # First, before this process imports torch: the server's imports then run
                 # beside ours (two cores busy, not one after the other).
-                start_server(config.preload, str(config.entrypoint), module=config.module)
+                start_server(config.preload, str(config.entrypoint), module=config.module,
+                             nproc=config.nproc_per_node)
             try:
                 return self._launch(config)
             finally:

@@ -35,14 +35,15 @@ from collections.abc import Sequence
 DEFAULT_PRELOAD = ("torch", "torch.distributed")
 
 
-def start_server(preload: Sequence[str], script: str, *, module: bool) -> None:
-    """Start the forkserver now (it imports torch, ``--preload`` and, with ``auto``, the script's
-    top-level imports) so it warms up while we set up."""
+def start_server(preload: Sequence[str], script: str, *, module: bool, nproc: int) -> None:
+    """Start the forkserver now (it imports torch, ``--preload`` and, with ``script`` or ``auto``
+    when the ``nproc`` ranks outnumber the cores, the script's top-level imports) so it warms up
+    while we set up."""
     from distrain.env import scoped_environ
     from distrain.launchers import preload_guard
-    from distrain.launchers.preload_scan import resolve_preload
+    from distrain.launchers.preload_scan import resolve_preload, usable_cores
 
-    named, found = resolve_preload(preload, script, module=module)
+    named, found = resolve_preload(preload, script, module=module, nproc=nproc, cores=usable_cores())
     # Everything beyond torch goes through the guard: it tolerates any import error, loads what a
     # module names in DISTRAIN_PRELOAD (named and found modules alike), undoes import-time
     # environment changes, and freezes the server's objects for the gc before the forks.

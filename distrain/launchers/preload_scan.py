@@ -3,15 +3,16 @@
 Forking the workers from a server that imported ``torch`` removes N ``import torch`` from the
 start-up, but a script that then imports scikit-learn, torchvision or TensorBoard pays those
 imports N times over again (measured: the first optimizer step of ``examples/digits_ddp.py`` at
-16 ranks came 0.63 of torchrun's time with torch alone preloaded). With ``--preload auto`` (the
-default) the server also imports the modules the script imports at its top level, read from its
-source without running it (``ast``), except:
+16 ranks came 0.63 of torchrun's time with torch alone preloaded, 0.13 with its imports too).
+With ``--preload script`` the server also imports the modules the script imports at its top
+level, read from its source without running it (``ast``); ``--preload auto`` (the default) does
+so when the local ranks outnumber the usable cores (see ``resolve_preload``). Left out:
 
 * the script's own modules (found next to it, or in its package for ``-m``): importing them
   would run user code in the server;
 * (added) ``torch._dynamo``: building DDP and the first optimizer step import it (1-4 s of CPU
-  per rank, measured). Added with ``auto`` whatever the script's own imports: a ``-m`` entry
-  point often reaches torch only through its own package;
+  per rank, measured). Added whatever the script's own imports: a ``-m`` entry point often
+  reaches torch only through its own package;
 * modules known to start threads or services at import (forking a process with threads can
   deadlock the child): see ``NEVER_PRELOAD``.
 
@@ -23,10 +24,12 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 AUTO = "auto"
+SCRIPT = "script"
 NEVER_PRELOAD = frozenset({"__future__", "__main__", "ray", "wandb", "mlflow", "neptune", "comet_ml"})
 
 
@@ -87,10 +90,24 @@ def script_imports(script: str, *, module: bool) -> list[str]:
 TRAINING_LAZY_IMPORTS = ("torch._dynamo",)
 
 
-def resolve_preload(preload: Sequence[str], script: str, *, module: bool) -> tuple[list[str], list[str]]:
-    """(modules named by the user, modules found in the script) from the ``--preload`` tokens."""
-    named = [name for name in preload if name != AUTO]
-    found = script_imports(script, module=module) if AUTO in preload else []
-    if AUTO in preload:
-        found += TRAINING_LAZY_IMPORTS
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_preload(preload: Sequence[str], script: str, *, module: bool, nproc: int,
+                    cores: int) -> tuple[list[str], list[str]]:
+    """(modules named by the user, modules found in the script) from the ``--preload`` tokens.
+
+    ``script`` preloads the script's imports; ``auto`` does so only when the ``nproc`` local
+    ranks outnumber the ``cores``. Preloading moves every rank's imports into the one server,
+    ahead of the first fork: it pays when the ranks would otherwise queue for the cores, and
+    only delays the first barrier when each rank has a core of its own to import on.
+    """
+    named = [name for name in preload if name not in (AUTO, SCRIPT)]
+    wanted = SCRIPT in preload or (AUTO in preload and nproc > cores)
+    found = [*script_imports(script, module=module), *TRAINING_LAZY_IMPORTS] if wanted else []
     return named, [name for name in dict.fromkeys(found) if name not in named]
