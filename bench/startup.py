@@ -50,7 +50,7 @@ def example_preload(nproc: int) -> str:
     from distrain.launchers.preload_scan import resolve_preload, usable_cores
 
     _, found = resolve_preload(("auto",), str(EXAMPLE), module=False, nproc=nproc, cores=usable_cores())
-    return ",".join(["torch", *found])
+    return ",".join(dict.fromkeys(["torch", *found]))
 
 
 FIRST_STEP_GOALS = {2: 1.0, 4: 0.5, 16: 0.25}  # distrain / torchrun, at most
@@ -117,11 +117,11 @@ def run_bench(reps: int = 5, *, sizes: Sequence[int] = SIZES, preload_side: bool
         step_rows.append([size, median([s.step_s for s in ours]), median([s.step_s for s in theirs]),
                           step_ratio, goal_mark(step_ratio, goal, at_most=True) if goal else "-"])
         if preload_side:
-            preloaded = runs[("distrain-torch-only", size)]
-            preload_ratio = median([a.step_s / b.step_s for a, b in zip(preloaded, theirs)])
-            step_rows[-1] += [median([s.step_s for s in preloaded]), preload_ratio]
-            results["sizes"].setdefault(str(size), {})["preload"] = {
-                "runs": [asdict(s) for s in preloaded], "first_step_ratio": round(preload_ratio, 3)}
+            torch_only = runs[("distrain-torch-only", size)]
+            torch_only_ratio = median([a.step_s / b.step_s for a, b in zip(torch_only, theirs)])
+            step_rows[-1] += [median([s.step_s for s in torch_only]), torch_only_ratio]
+            results["sizes"].setdefault(str(size), {})["torch_only"] = {
+                "runs": [asdict(s) for s in torch_only], "first_step_ratio": round(torch_only_ratio, 3)}
         barrier_rows.append([size, median([s.barrier_s for s in ours]), median([s.barrier_s for s in theirs]),
                              barrier_ratio, goal_mark(barrier_ratio, 1.0, at_most=True)])
         results["sizes"].setdefault(str(size), {}).update({

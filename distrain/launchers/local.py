@@ -304,6 +304,8 @@ def _describe_failure(rank: int, failure: Any, attempt_dir: Path | None) -> Rank
     message, callstack = _failure_text(failure)
     if not log_tail and message and not message.startswith(("Signal", "To enable traceback")):
         log_tail = tail_text(callstack or message)
+    # Read the whole log: a fatal-error dump can push an earlier traceback out of the tail.
+    output = log_text or log_tail
     return RankFailure(
         rank=rank,
         local_rank=failure.local_rank,
@@ -311,9 +313,8 @@ def _describe_failure(rank: int, failure: Any, attempt_dir: Path | None) -> Rank
         signal=signal_name,
         node=os.uname().nodename,
         log_tail=log_tail,
-        # the whole log: a fatal-error dump can push an earlier traceback out of the tail
-        teardown_abort=is_teardown_abort(failure.exitcode, signal_name, log_text or log_tail),
-        collective_timeout=is_collective_timeout(log_text or log_tail),
-        peer_lost=is_peer_lost(log_text or log_tail),
+        teardown_abort=is_teardown_abort(failure.exitcode, signal_name, output),
+        collective_timeout=is_collective_timeout(output),
+        peer_lost=is_peer_lost(output),
         raised=raised_on_its_own(failure),
     )
