@@ -27,7 +27,12 @@ def _launch(argv: Sequence[str]) -> int:
     except ConfigError as error:
         print(f"distrain launch: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    result = launch(config)
+    try:
+        result = launch(config)
+    finally:
+        from distrain.launchers.preload import stop_resource_tracker
+
+        stop_resource_tracker()  # no helper process outlives the command
     if result.ok:
         return 0
     print(result.summary(), file=sys.stderr, flush=True)

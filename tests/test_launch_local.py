@@ -370,10 +370,12 @@ def test_no_server_or_worker_outlives_the_launcher(tmp_path: Path, start_method:
         env=child_env({"OUT_DIR": str(tmp_path), "BEHAVE": "ok"}))
     launcher = psutil.Process(proc.pid)
     try:
-        family: set[int] = set()
+        family: dict[int, str] = {}
         while proc.poll() is None:  # note every descendant (server, workers) while it runs
             with contextlib.suppress(psutil.Error):
-                family |= {child.pid for child in launcher.children(recursive=True)}
+                for child in launcher.children(recursive=True):
+                    if child.pid not in family:
+                        family[child.pid] = _command_line(child.pid)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=0.05)
         proc.communicate(timeout=60)
@@ -382,8 +384,14 @@ def test_no_server_or_worker_outlives_the_launcher(tmp_path: Path, start_method:
     assert proc.returncode == 0
     survivors = [pid for pid in family if psutil.pid_exists(pid)
                  and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
-    assert not survivors, f"left running: {survivors}"
+    assert not survivors, f"left running: {[family[pid] for pid in survivors]}"
     _assert_gone(tmp_path)
+
+
+def _command_line(pid: int) -> str:
+    with contextlib.suppress(psutil.Error):
+        return f"{pid}: {' '.join(psutil.Process(pid).cmdline())}"
+    return f"{pid}: (gone)"
 
 
 @pytest.mark.timeout(180)

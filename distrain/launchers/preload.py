@@ -25,6 +25,7 @@ import contextlib
 import multiprocessing
 import multiprocessing.context
 import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import runpy
 import signal
@@ -60,6 +61,18 @@ def stop_server() -> None:
     server = getattr(multiprocessing.forkserver, "_forkserver", None)
     with contextlib.suppress(AttributeError, OSError):
         server._stop()  # type: ignore[union-attr]
+
+
+def stop_resource_tracker() -> None:
+    """Stop multiprocessing's resource tracker (the forkserver starts one) and reap it.
+
+    For a process about to exit (the ``distrain launch`` command): the tracker only notices its
+    parent is gone after the exit and would outlive the command for that moment. A Python caller
+    of ``launch`` keeps its tracker: it is that process's own.
+    """
+    tracker = getattr(multiprocessing.resource_tracker, "_resource_tracker", None)
+    with contextlib.suppress(AttributeError, OSError):
+        tracker._stop()  # type: ignore[union-attr]
 
 
 def run_script(script: str, args: Sequence[str], module: bool) -> None:
