@@ -7,7 +7,8 @@ What it adds to ``torchrun``, all on top of ``elastic_launch``:
 * console lines prefixed ``[rankN]:`` and per-rank log files kept for the failure summary;
 * a failure summary naming each failed rank, its exit code or signal and its last log lines,
   recognising the gloo teardown abort;
-* a grace period (``--term-timeout``) between forwarding SIGTERM/SIGINT and killing workers.
+* a grace period (``--term-timeout``) between forwarding SIGTERM/SIGINT and killing workers,
+  kept whenever the signal comes, even while elastic is starting the workers (``reaper``).
 """
 
 from __future__ import annotations
@@ -137,9 +138,11 @@ class LocalLauncher(Launcher):
 
     def launch(self, config: LaunchConfig) -> RunResult:
         from distrain.launchers.preload import start_server, stop_server
+        from distrain.launchers.reaper import workers_never_outlive
 
         forkserver = config.start_method == "forkserver"
-        with scoped_environ(launch_environ(config)), restored_signal_handlers():
+        with (scoped_environ(launch_environ(config)), restored_signal_handlers(),
+              workers_never_outlive(term_timeout=config.term_timeout) as reaper):
             if forkserver:
                 # multiprocessing keeps one forkserver per process: one left by an earlier launch
                 # (Python API) would fork workers with its stale environment and preload list.
@@ -153,7 +156,9 @@ class LocalLauncher(Launcher):
                 return self._launch(config)
             finally:
                 if forkserver:
-                    stop_server()
+                    stop_server()  # after any fork in flight; its live children come to us
+                # Workers elastic did not stop: a signal that came while it started them.
+                reaper.stop_leftovers()
 
     def _launch(self, config: LaunchConfig) -> RunResult:
         from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
