@@ -81,10 +81,14 @@ with WorkerReaper(term_timeout=1.0) as reaper, GraceWatch(reaper, term_timeout=1
 
 @pytest.mark.timeout(60)
 def test_grace_watch_kills_workers_a_stuck_launcher_would_keep() -> None:
-    result = subprocess.run([PYTHON, "-c", _STUCK_ON_SIGTERM], capture_output=True, text=True,
-                            timeout=45, env=child_env())
-    assert result.returncode == 0, result.stderr
-    code, took, name = result.stdout.split()
+    proc = subprocess.Popen([PYTHON, "-c", _STUCK_ON_SIGTERM], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=child_env())
+    try:
+        out, err = proc.communicate(timeout=45)
+    finally:
+        kill_group(proc.pid)  # the ignoring worker too, should the watch fail
+    assert proc.returncode == 0, err
+    code, took, name = out.split()
     assert int(code) == -signal.SIGKILL and name == "SIGTERM"
     assert 1.0 <= float(took) < 10  # the grace period plus the watch's margin, not elastic's 30 s
 
