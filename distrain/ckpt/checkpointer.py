@@ -220,9 +220,8 @@ class Checkpointer:
         try:
             if before is not None:
                 before(staging)
-            for name, state in states.items():
-                staging.write_file(f"{name}.pt", functools.partial(_torch_save, state))
-            staging.write_file(RNG_FILE, functools.partial(_torch_save, rng))
+            writers = {f"{name}.pt": functools.partial(_torch_save, state) for name, state in states.items()}
+            staging.write_files({**writers, RNG_FILE: functools.partial(_torch_save, rng)})
             staging.write_json(JSON_FILE, values)
             path = staging.commit(meta)
         except OSError as error:

@@ -98,12 +98,38 @@ def _safe_relative(name: str) -> bool:
     return bool(parts) and not Path(name).is_absolute() and ".." not in parts and name != MANIFEST
 
 
+def _writeback_starter() -> Callable[[int], None]:
+    """``start(fd)``: ask the kernel to begin writing the file's dirty pages now (Linux
+    ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; it does not wait). The closing fsync then has
+    little left to do: the disk works while the rest of the file is still being serialized and
+    hashed. Elsewhere a no-op."""
+    import ctypes
+
+    try:
+        sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return lambda fd: None
+    sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    write_only = 2  # SYNC_FILE_RANGE_WRITE; offset 0, length 0: the whole file
+
+    def start(fd: int) -> None:
+        sync_file_range(fd, 0, 0, write_only)  # best effort: an error only means no head start
+
+    return start
+
+
+_start_writeback = _writeback_starter()
+
+
 class _HashingWriter:
     """A write-only file object that hashes and counts what passes through (no second read).
 
     Large writes are hashed on a helper thread while this thread writes them: both release the
-    GIL, so a save costs about max(hash, write) instead of hash + write (measured: write
-    throughput 0.47 -> 0.61 of ``dd``, bench/ckpt_stall.py).
+    GIL, so a save costs about max(hash, write) instead of hash + write. After each large write
+    the kernel is asked to start writing it back (see :func:`_writeback_starter`).
+    Measured in bench/ckpt_stall.py (200 MB, 2 cores): write throughput 0.47 of ``dd`` with
+    hash then write, 0.61 with this overlap, about 1.0 with the early writeback and the state
+    files written side by side (:meth:`Staging.write_files`).
     """
 
     PARALLEL_BYTES = 1 << 20  # below this the hand-off costs more than it saves
@@ -118,13 +144,18 @@ class _HashingWriter:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data)
         self.size += view.nbytes
+        large = view.nbytes >= self.PARALLEL_BYTES
         hashed = None
-        if self._hasher is not None and view.nbytes >= self.PARALLEL_BYTES:
+        if self._hasher is not None and large:
             hashed = self._hasher.submit(self.digest.update, view)
         else:
             self.digest.update(view)
         try:
-            return self._file.write(view)
+            written = self._file.write(view)
+            if large:
+                self._file.flush()
+                _start_writeback(self._file.fileno())
+            return written
         except OSError as error:
             self.error = self.error or error
             raise
@@ -164,6 +195,19 @@ class Staging:
             raw.flush()
             os.fsync(raw.fileno())
         self.files[name] = {"sha256": hashing.digest.hexdigest(), "size": hashing.size}
+
+    def write_files(self, writers: dict[str, Callable[[IO[bytes]], None]]) -> None:
+        """:meth:`write_file` for each, side by side on threads: serializing, hashing and the
+        disk overlap across files (a checkpoint's model and optimizer are similar in size).
+        Every write finishes before an error is raised (the first, in ``writers`` order)."""
+        if len(writers) < 2:
+            for name, write in writers.items():
+                self.write_file(name, write)
+            return
+        with ThreadPoolExecutor(len(writers), thread_name_prefix="distrain-write") as pool:
+            pending = [pool.submit(self.write_file, name, write) for name, write in writers.items()]
+        for future in pending:
+            future.result()
 
     def write_json(self, name: str, value: Any) -> None:
         data = json.dumps(value, indent=1, sort_keys=True).encode()
