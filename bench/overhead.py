@@ -16,12 +16,20 @@ Three sides, each a real 2-rank launch, each timing the same steps of the same w
 Ratios are medians over repetitions of per-repetition ratios (interleaved, so a load spike on
 this shared machine hits neighbouring runs alike). Goals: distrain / torchrun >= 0.99 and
 fast start / spawn >= 0.99.
+
+Separate launches cannot resolve 1 % here: the same command's speed varies by +-15 % from
+launch to launch on this VM. So a second table, **paired**, runs both loops in one 2-rank
+launch (torchrun), alternating chunks of steps (bench/workers/overhead_paired.py): the median
+of the per-pair ratios with a distribution-free 95 % interval for that median. It measures
+what distrain's library costs per step (wrap, loader, step timer, TensorBoard scalars) with the
+process-to-process variation removed; the launcher itself adds nothing per step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -45,6 +53,7 @@ from bench.common import (
 
 WORKLOADS = ("digits", "mlp")
 GOAL = 0.99
+PAIRS = 40
 
 
 def side_commands(out: Path, scale: float) -> dict[str, Callable[[], dict[str, float]]]:
@@ -96,7 +105,44 @@ def run_bench(reps: int = 5, *, scale: float = 1.0) -> dict[str, Any]:
     print(table(f"Overhead: steps/s, 2 ranks, median of {reps} interleaved repetitions ({note})",
                 ["workload", "distrain", "distrain spawn", "torchrun loop", "distrain/torchrun", "goal",
                  "fast/spawn", "goal"], rows), flush=True)
-    return {"reps": reps, "scale": scale, "load": note, "workloads": results}
+    paired = run_paired(pairs=max(10, round(PAIRS * scale)))
+    return {"reps": reps, "scale": scale, "load": note, "workloads": results, "paired": paired}
+
+
+def median_interval(values: Sequence[float]) -> tuple[float, float]:
+    """A distribution-free 95 % confidence interval for the median (order statistics)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    half = 0.98 * math.sqrt(n)  # 1.96 * sqrt(n) / 2
+    low, high = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
+    return ordered[low], ordered[high]
+
+
+def run_paired(*, pairs: int) -> dict[str, Any]:
+    """Both loops in one launch, alternating chunks: the per-step cost of distrain's library."""
+    out = Path(tempfile.mkdtemp(prefix="bench-paired-"))
+    note_before = load_note()
+    try:
+        result = out / "paired.json"
+        run(torchrun_cmd("--nproc-per-node", "2", str(WORKERS / "overhead_paired.py"), "--out",
+                         str(result), "--pairs", str(pairs)), timeout=900).check()
+        seconds: dict[str, list[list[float]]] = json.loads(result.read_text())
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    rows, results = [], {}
+    for workload, chunks in seconds.items():
+        ratios = [plain / distrain for distrain, plain in chunks]  # steps/s ratio: time inverted
+        middle = median(ratios)
+        low, high = median_interval(ratios)
+        results[workload] = {"ratios": [round(r, 3) for r in ratios], "median": round(middle, 3),
+                             "interval_95": [round(low, 3), round(high, 3)]}
+        rows.append([workload, len(ratios), middle, f"{low:.3f} to {high:.3f}",
+                     goal_mark(middle, GOAL, at_most=False)])
+    note = f"{note_before} before, {load_note()} after"
+    print(table(f"Overhead, paired: distrain loop / hand-written loop, steps/s, same 2 processes, "
+                f"alternating chunks ({note})",
+                ["workload", "pairs", "median ratio", "95 % interval", "goal"], rows), flush=True)
+    return {"pairs": pairs, "load": note, "workloads": results}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,7 @@ step through the resumable loader and the step timer, every 10th step the standa
 from __future__ import annotations
 
 import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,18 +20,20 @@ from distrain.data import build_loader
 from distrain.logging import StepTimer, TBLogger, grad_norm, train_scalars
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import build, worker_args, write_rates  # the same models and data as the plain loop
+from workloads import build, timed, worker_args, write_rates  # the same models and data as the plain loop
 
 
-def measure(name: str, ctx: ddp.Context, log_dir: Path, scale: float) -> float:
+def training(name: str, ctx: ddp.Context, log_dir: Path, scale: float) -> Iterator[int]:
+    """The training loop of workload ``name``, one step per ``next()`` (yields the step number),
+    for as many epochs as it is driven."""
     work = build(name, scale=scale)
     loader = build_loader(work.dataset, ctx, batch_size=work.batch_size, seed=0, num_workers=0)
     model = ddp.wrap(work.model, ctx)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     timer = StepTimer(ctx)
-    step, epoch, start = 0, 0, 0.0
+    step, epoch = 0, 0
     with TBLogger(log_dir / name, ctx) as tb:
-        while step < work.warmup + work.steps:
+        while True:
             loader.set_epoch(epoch)
             for x, y in timer.wrap(loader):
                 loss = F.cross_entropy(model(x), y)
@@ -44,13 +46,13 @@ def measure(name: str, ctx: ddp.Context, log_dir: Path, scale: float) -> float:
                     tb.scalars(train_scalars(ctx, loss=loss, lr=optimizer.param_groups[0]["lr"],
                                              epoch=epoch, stats=timer.window(),
                                              grad_norm=grad_norm(model)), step)
-                if step == work.warmup:
-                    start = time.perf_counter()
-                if step == work.warmup + work.steps:
-                    break
+                yield step
             epoch += 1
-        elapsed = time.perf_counter() - start
-    return work.steps / elapsed
+
+
+def measure(name: str, ctx: ddp.Context, log_dir: Path, scale: float) -> float:
+    """Steps/s of the timed steps, after the warm-up."""
+    return timed(training(name, ctx, log_dir, scale), build(name, scale=scale))
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -24,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import build, worker_args, write_rates
+from workloads import build, timed, worker_args, write_rates
 
 
 def log_scalars(writer: SummaryWriter | None, model: torch.nn.Module, loss: torch.Tensor,
@@ -51,7 +52,9 @@ def log_scalars(writer: SummaryWriter | None, model: torch.nn.Module, loss: torc
         writer.add_scalar("sys/rss_mb", rss.item(), step)
 
 
-def measure(name: str, rank: int, world_size: int, log_dir: Path, scale: float) -> float:
+def training(name: str, rank: int, world_size: int, log_dir: Path, scale: float) -> Iterator[int]:
+    """The training loop of workload ``name``, one step per ``next()`` (yields the step number),
+    for as many epochs as it is driven."""
     work = build(name, scale=scale)
     sampler: DistributedSampler[tuple[torch.Tensor, ...]] = DistributedSampler(
         work.dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
@@ -59,29 +62,31 @@ def measure(name: str, rank: int, world_size: int, log_dir: Path, scale: float) 
     model = DistributedDataParallel(work.model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     writer = SummaryWriter(str(log_dir / name)) if rank == 0 else None
-    step, epoch, start = 0, 0, 0.0
+    step, epoch = 0, 0
     last = {"time": time.perf_counter(), "step": 0.0}
-    while step < work.warmup + work.steps:
-        sampler.set_epoch(epoch)
-        for x, y in loader:
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if step % 10 == 0:
-                log_scalars(writer, model, loss, optimizer, epoch, step, len(y) * world_size, last)
-            if step == work.warmup:
-                start = time.perf_counter()
-            if step == work.warmup + work.steps:
-                break
-        epoch += 1
-    elapsed = time.perf_counter() - start
-    if writer is not None:
-        writer.close()
-    del model, optimizer  # DDP holds the group: release it before destroy (gloo teardown abort)
-    gc.collect()
-    return work.steps / elapsed
+    try:
+        while True:
+            sampler.set_epoch(epoch)
+            for x, y in loader:
+                loss = F.cross_entropy(model(x), y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                step += 1
+                if step % 10 == 0:
+                    log_scalars(writer, model, loss, optimizer, epoch, step, len(y) * world_size, last)
+                yield step
+            epoch += 1
+    finally:
+        if writer is not None:
+            writer.close()
+        del model, optimizer  # DDP holds the group: release it before destroy (gloo teardown abort)
+        gc.collect()
+
+
+def measure(name: str, rank: int, world_size: int, log_dir: Path, scale: float) -> float:
+    """Steps/s of the timed steps, after the warm-up."""
+    return timed(training(name, rank, world_size, log_dir, scale), build(name, scale=scale))
 
 
 def main() -> None:

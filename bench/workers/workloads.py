@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +75,18 @@ def build(name: str, *, scale: float = 1.0) -> Workload:
         return Workload(name=name, model=model, dataset=data, batch_size=64, warmup=5,
                         steps=max(10, int(40 * scale)))
     raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOADS}")
+
+
+def timed(steps: Iterator[int], work: Workload) -> float:
+    """Drive a training generator through the warm-up, then time ``work.steps`` steps: steps/s."""
+    for _ in range(work.warmup):
+        next(steps)
+    start = time.perf_counter()
+    for _ in range(work.steps):
+        next(steps)
+    elapsed = time.perf_counter() - start
+    steps.close()  # type: ignore[attr-defined]  # a generator: runs its clean-up
+    return work.steps / elapsed
 
 
 def worker_args() -> argparse.Namespace:
