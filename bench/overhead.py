@@ -53,7 +53,7 @@ from bench.common import (
 
 WORKLOADS = ("digits", "mlp")
 GOAL = 0.99
-PAIRS = 40
+PAIRS = 120
 
 
 def side_commands(out: Path, scale: float) -> dict[str, Callable[[], dict[str, float]]]:
