@@ -42,17 +42,19 @@ _PR_SET_CHILD_SUBREAPER = 36
 _PR_GET_CHILD_SUBREAPER = 37
 
 
-def child_pids(parent: int) -> set[int]:
-    """Live (not zombie) children of ``parent``, read from ``/proc``; empty where there is none."""
-    found: set[int] = set()
+def _processes() -> Iterator[tuple[int, str, int]]:
+    """(pid, state, parent pid) of every process in ``/proc``; nothing where there is none."""
     with contextlib.suppress(OSError):
         for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            state_ppid = _state_and_parent(int(entry.name))
-            if state_ppid is not None and state_ppid[1] == parent and state_ppid[0] not in "ZX":
-                found.add(int(entry.name))
-    return found
+            if entry.name.isdigit():
+                state_ppid = _state_and_parent(int(entry.name))
+                if state_ppid is not None:
+                    yield int(entry.name), *state_ppid
+
+
+def child_pids(parent: int) -> set[int]:
+    """Live (not zombie) children of ``parent``, read from ``/proc``; empty where there is none."""
+    return {pid for pid, state, ppid in _processes() if ppid == parent and state not in "ZX"}
 
 
 def _state_and_parent(pid: int) -> tuple[str, int] | None:
@@ -121,34 +123,28 @@ class WorkerReaper:
         return leftovers
 
     def _adopted_zombies(self) -> set[int]:
-        zombies: set[int] = set()
-        with contextlib.suppress(OSError):
-            for entry in os.scandir("/proc"):
-                if entry.name.isdigit():
-                    state_ppid = _state_and_parent(int(entry.name))
-                    if state_ppid == ("Z", self._own_pid) and int(entry.name) not in self._callers_children:
-                        zombies.add(int(entry.name))
-        return zombies
+        return {pid for pid, state, ppid in _processes()
+                if state == "Z" and ppid == self._own_pid and pid not in self._callers_children}
 
 
 def stop_processes(pids: Iterable[int], *, sig: signal.Signals, grace: float) -> None:
     """``sig`` to each, up to ``grace`` seconds for them to exit, then SIGKILL; children reaped."""
     pending = set(pids)
     _signal_all(pending, sig)
-    deadline = time.monotonic() + grace
-    while pending and time.monotonic() < deadline:
-        _reap_finished(pending)
-        pending = {pid for pid in pending if _alive(pid)}
-        if pending:
-            time.sleep(_POLL_S)  # a handful of pids for a bounded time: polling is simplest
+    pending = _wait_gone(pending, grace)
     _signal_all(pending, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    while pending and time.monotonic() < deadline:
-        _reap_finished(pending)
-        pending = {pid for pid in pending if _alive(pid)}
-        if pending:
-            time.sleep(_POLL_S)
-    _reap_finished(pending)
+    _reap_finished(_wait_gone(pending, 5.0))
+
+
+def _wait_gone(pids: set[int], seconds: float) -> set[int]:
+    """Reap what exits, for up to ``seconds``; returns those still alive."""
+    deadline = time.monotonic() + seconds
+    while pids and time.monotonic() < deadline:
+        _reap_finished(pids)
+        pids = {pid for pid in pids if _alive(pid)}
+        if pids:
+            time.sleep(_POLL_S)  # a handful of pids for a bounded time: polling is simplest
+    return pids
 
 
 def _signal_all(pids: Iterable[int], sig: signal.Signals) -> None:
