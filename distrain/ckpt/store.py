@@ -200,11 +200,7 @@ class Staging:
         """:meth:`write_file` for each, side by side on threads: serializing, hashing and the
         disk overlap across files (a checkpoint's model and optimizer are similar in size).
         Every write finishes before an error is raised (the first, in ``writers`` order)."""
-        if len(writers) < 2:
-            for name, write in writers.items():
-                self.write_file(name, write)
-            return
-        with ThreadPoolExecutor(len(writers), thread_name_prefix="distrain-write") as pool:
+        with ThreadPoolExecutor(max(len(writers), 1), thread_name_prefix="distrain-write") as pool:
             pending = [pool.submit(self.write_file, name, write) for name, write in writers.items()]
         for future in pending:
             future.result()
