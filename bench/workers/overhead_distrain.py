@@ -20,19 +20,19 @@ from distrain.data import build_loader
 from distrain.logging import StepTimer, TBLogger, grad_norm, train_scalars
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import build, timed, worker_args, write_rates  # the same models and data as the plain loop
+# The same models and data as the plain loop.
+from workloads import Workload, build, timed, worker_args, write_rates
 
 
-def training(name: str, ctx: ddp.Context, log_dir: Path, scale: float) -> Iterator[int]:
-    """The training loop of workload ``name``, one step per ``next()`` (yields the step number),
-    for as many epochs as it is driven."""
-    work = build(name, scale=scale)
+def training(work: Workload, ctx: ddp.Context, log_dir: Path) -> Iterator[int]:
+    """The training loop of ``work``, one step per ``next()`` (yields the step number), for as
+    many epochs as it is driven."""
     loader = build_loader(work.dataset, ctx, batch_size=work.batch_size, seed=0, num_workers=0)
     model = ddp.wrap(work.model, ctx)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     timer = StepTimer(ctx)
     step, epoch = 0, 0
-    with TBLogger(log_dir / name, ctx) as tb:
+    with TBLogger(log_dir / work.name, ctx) as tb:
         while True:
             loader.set_epoch(epoch)
             for x, y in timer.wrap(loader):
@@ -52,7 +52,8 @@ def training(name: str, ctx: ddp.Context, log_dir: Path, scale: float) -> Iterat
 
 def measure(name: str, ctx: ddp.Context, log_dir: Path, scale: float) -> float:
     """Steps/s of the timed steps, after the warm-up."""
-    return timed(training(name, ctx, log_dir, scale), build(name, scale=scale))
+    work = build(name, scale=scale)
+    return timed(training(work, ctx, log_dir), work)
 
 
 def main() -> None:

@@ -38,11 +38,11 @@ def _run(steps: Iterator[int], count: int) -> float:
 
 def compare(name: str, ctx: ddp.Context, logs: Path, *, pairs: int, chunk: int) -> list[list[float]]:
     """Seconds per chunk, ``[distrain, plain]`` for each pair."""
-    distrain = overhead_distrain.training(name, ctx, logs / "distrain", 1.0)
-    plain = overhead_plain.training(name, ctx.rank, ctx.world_size, logs / "plain", 1.0)
-    warmup = build(name).warmup
-    _run(distrain, warmup)
-    _run(plain, warmup)
+    distrain_work, plain_work = build(name), build(name)  # each side its own model, same seed
+    distrain = overhead_distrain.training(distrain_work, ctx, logs / "distrain")
+    plain = overhead_plain.training(plain_work, ctx.rank, ctx.world_size, logs / "plain")
+    _run(distrain, distrain_work.warmup)
+    _run(plain, plain_work.warmup)
     seconds = []
     for pair in range(pairs):
         if pair % 2 == 0:

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import build, timed, worker_args, write_rates
+from workloads import Workload, build, timed, worker_args, write_rates
 
 
 def log_scalars(writer: SummaryWriter | None, model: torch.nn.Module, loss: torch.Tensor,
@@ -52,16 +52,15 @@ def log_scalars(writer: SummaryWriter | None, model: torch.nn.Module, loss: torc
         writer.add_scalar("sys/rss_mb", rss.item(), step)
 
 
-def training(name: str, rank: int, world_size: int, log_dir: Path, scale: float) -> Iterator[int]:
-    """The training loop of workload ``name``, one step per ``next()`` (yields the step number),
-    for as many epochs as it is driven."""
-    work = build(name, scale=scale)
+def training(work: Workload, rank: int, world_size: int, log_dir: Path) -> Iterator[int]:
+    """The training loop of ``work``, one step per ``next()`` (yields the step number), for as
+    many epochs as it is driven."""
     sampler: DistributedSampler[tuple[torch.Tensor, ...]] = DistributedSampler(
         work.dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
     loader = DataLoader(work.dataset, batch_size=work.batch_size, sampler=sampler)
     model = DistributedDataParallel(work.model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    writer = SummaryWriter(str(log_dir / name)) if rank == 0 else None
+    writer = SummaryWriter(str(log_dir / work.name)) if rank == 0 else None
     step, epoch = 0, 0
     last = {"time": time.perf_counter(), "step": 0.0}
     try:
@@ -86,7 +85,8 @@ def training(name: str, rank: int, world_size: int, log_dir: Path, scale: float)
 
 def measure(name: str, rank: int, world_size: int, log_dir: Path, scale: float) -> float:
     """Steps/s of the timed steps, after the warm-up."""
-    return timed(training(name, rank, world_size, log_dir, scale), build(name, scale=scale))
+    work = build(name, scale=scale)
+    return timed(training(work, rank, world_size, log_dir), work)
 
 
 def main() -> None:
