@@ -8,9 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -96,3 +99,19 @@ def _init_then(backend: str, fn: Callable[..., Any], *args: Any) -> Any:
 
     ctx = ddp.init(backend)
     return fn(ctx, *args)
+
+
+def wait_for_files(paths: Sequence[Path], proc: subprocess.Popen[str], seconds: float = 60) -> None:
+    """Wait until every path exists (a worker announcing it is ready); fail if ``proc`` ends first."""
+    deadline = time.monotonic() + seconds
+    while not all(path.exists() for path in paths):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+
+
+def assert_workers_gone(out: Path) -> None:
+    """Every worker that wrote its ``pid-*`` file into ``out`` has exited."""
+    pids = [int(p.read_text()) for p in out.glob("pid-*")]
+    assert pids, "the workers never started"
+    alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert not alive, f"orphan workers: {alive}"

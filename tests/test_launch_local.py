@@ -18,11 +18,13 @@ from tests.helpers import (
     PYTHON,
     REPO,
     assert_ok,
+    assert_workers_gone,
     child_env,
     distrain,
     free_port,
     kill_group,
     torchrun,
+    wait_for_files,
 )
 
 SCRIPTS = REPO / "tests" / "scripts"
@@ -43,13 +45,6 @@ VOLATILE = {"MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE", "BA
 
 def _envs(out: Path) -> dict[int, dict[str, str]]:
     return {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in out.glob("env-*.json")}
-
-
-def _assert_gone(out: Path) -> None:
-    pids = [int(p.read_text()) for p in out.glob("pid-*")]
-    assert pids, "the workers never started"
-    alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
-    assert not alive, f"orphan workers: {alive}"
 
 
 @pytest.mark.timeout(120)
@@ -165,7 +160,7 @@ def test_a_failed_rank_stops_the_job_with_a_summary(tmp_path: Path, mode: str, e
         assert text in summary, summary
     assert "rank 0 " not in summary  # the healthy rank was stopped, not reported as failed
     assert elapsed < 30
-    _assert_gone(tmp_path)
+    assert_workers_gone(tmp_path)
 
 
 @pytest.mark.timeout(120)
@@ -194,10 +189,7 @@ def _start_and_signal(tmp_path: Path, mode: str, sig: signal.Signals, *extra: st
         start_new_session=True, env=child_env({"OUT_DIR": str(tmp_path), "BEHAVE": mode}))
     try:
         # Wait until both workers installed their handlers: they announce it with a file.
-        deadline = time.monotonic() + 60
-        while not all((tmp_path / f"ready-{r}").exists() for r in (0, 1)):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
+        wait_for_files([tmp_path / f"ready-{r}" for r in (0, 1)], proc)
         sent = time.monotonic()
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
@@ -211,7 +203,7 @@ def test_sigterm_reaches_the_workers_so_they_can_save(tmp_path: Path) -> None:
     code, output, _ = _start_and_signal(tmp_path, "sigterm", signal.SIGTERM)
     assert code == 143, output
     assert all((tmp_path / f"got-sigterm-{r}").read_text() == "saved" for r in (0, 1))
-    _assert_gone(tmp_path)
+    assert_workers_gone(tmp_path)
 
 
 @pytest.mark.timeout(120)
@@ -219,7 +211,7 @@ def test_workers_ignoring_sigterm_are_killed_after_the_grace_period(tmp_path: Pa
     code, output, took = _start_and_signal(tmp_path, "ignore-term", signal.SIGTERM, "--term-timeout", "2")
     assert code == 143, output
     assert 1.5 < took < 20
-    _assert_gone(tmp_path)
+    assert_workers_gone(tmp_path)
 
 
 @pytest.mark.timeout(120)
@@ -385,7 +377,7 @@ def test_no_server_or_worker_outlives_the_launcher(tmp_path: Path, start_method:
     survivors = [pid for pid in family if psutil.pid_exists(pid)
                  and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert not survivors, f"left running: {[family[pid] for pid in survivors]}"
-    _assert_gone(tmp_path)
+    assert_workers_gone(tmp_path)
 
 
 def _command_line(pid: int) -> str:

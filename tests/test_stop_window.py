@@ -13,20 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from distrain.launchers.reaper import WorkerReaper, child_pids
-from tests.helpers import PYTHON, REPO, child_env, kill_group
+from tests.helpers import PYTHON, REPO, assert_workers_gone, child_env, kill_group, wait_for_files
 
 SCRIPTS = REPO / "tests" / "scripts"
-
-
-def _wait_for(paths: list[Path], proc: subprocess.Popen[str], seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not all(path.exists() for path in paths):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
 
 
 @pytest.mark.timeout(120)
@@ -43,7 +35,7 @@ def test_sigterm_while_elastic_starts_the_workers_still_stops_them(tmp_path: Pat
     try:
         # Rank 0 runs and ignores SIGTERM; the server holds rank 1's fork, so the launcher is
         # inside elastic's start, before elastic knows any worker.
-        _wait_for([tmp_path / "ready-0", Path(f"{gate}.waiting")], proc)
+        wait_for_files([tmp_path / "ready-0", Path(f"{gate}.waiting")], proc)
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         with open(gate, "w"):  # let the held fork go: rank 1 starts after the signal
@@ -56,10 +48,7 @@ def test_sigterm_while_elastic_starts_the_workers_still_stops_them(tmp_path: Pat
     assert took < 15, f"{took:.1f} s: the 2 s grace period was not kept\n{err}"
     # Rank 1 is forked after the signal; it may start (and is then stopped) or fail to unpickle
     # its start-up data the launcher already released: either way it must not be left running.
-    pids = [int(p.read_text()) for p in tmp_path.glob("pid-*")]
-    assert pids, err
-    alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
-    assert not alive, f"workers outlived the launcher: {alive}"
+    assert_workers_gone(tmp_path)
 
 
 _STUCK_ON_SIGTERM = """
