@@ -15,20 +15,25 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from distrain.context import resolve
+
 if TYPE_CHECKING:
-    from distrain.ddp import Context
+    from distrain.context import Context
 
 
-def autocast(ctx: Context, *, enabled: bool = True, dtype: torch.dtype | None = None) -> torch.autocast:
+def autocast(
+    ctx: Context | None = None, *, enabled: bool = True, dtype: torch.dtype | None = None
+) -> torch.autocast:
     """``torch.autocast`` for this worker's device: fp16 on CUDA, bf16 on CPU by default."""
-    device_type = ctx.device.type
+    device_type = resolve(ctx).device.type
     default = torch.float16 if device_type == "cuda" else torch.bfloat16
     return torch.autocast(device_type=device_type, dtype=dtype or default, enabled=enabled)
 
 
-def grad_scaler(ctx: Context, *, enabled: bool = True) -> torch.amp.GradScaler:
+def grad_scaler(ctx: Context | None = None, *, enabled: bool = True) -> torch.amp.GradScaler:
     """Loss scaling for fp16 on CUDA; disabled (a transparent no-op) on CPU."""
-    return torch.amp.GradScaler(ctx.device.type, enabled=enabled and ctx.device.type == "cuda")
+    device_type = resolve(ctx).device.type
+    return torch.amp.GradScaler(device_type, enabled=enabled and device_type == "cuda")
 
 
 @contextlib.contextmanager

@@ -28,15 +28,14 @@ import os
 import sys
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import timedelta
-from types import TracebackType
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from distrain.amp import accumulate, autocast, grad_scaler
+from distrain.context import Context, clear_current, set_current
 from distrain.env import WorkerEnv
 from distrain.errors import ConfigError
 from distrain.fsdp import clip_grad_norm
@@ -64,35 +63,6 @@ __all__ = [
 log = logging.getLogger("distrain")
 BACKENDS = ("auto", "gloo", "nccl", "mpi", "ucc", "xccl")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Context:
-    """Where this worker stands. ``backend`` is None when there is no process group."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-    local_world_size: int
-    node_rank: int
-    device: torch.device
-    backend: str | None
-    is_main: bool
-
-    @property
-    def distributed(self) -> bool:
-        return self.backend is not None
-
-    def __enter__(self) -> Context:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        cleanup(synchronize=exc_type is None)
 
 
 def resolve_backend(requested: str, *, cuda_available: bool) -> str:
@@ -181,7 +151,7 @@ def _attempt_store(worker: WorkerEnv, timeout: timedelta | None) -> dist.Store:
 
 
 def _context(worker: WorkerEnv, device: torch.device, backend: str | None) -> Context:
-    return Context(
+    return set_current(Context(
         rank=worker.rank,
         local_rank=worker.local_rank,
         world_size=worker.world_size,
@@ -190,7 +160,7 @@ def _context(worker: WorkerEnv, device: torch.device, backend: str | None) -> Co
         device=device,
         backend=backend,
         is_main=worker.rank == 0,
-    )
+    ))
 
 
 # Things to finish before the group goes away (TBLogger.flush, Checkpointer.wait). Weak, so a
@@ -226,6 +196,7 @@ def cleanup(*, synchronize: bool | None = None) -> None:
                 print(f"distrain: error while finishing before cleanup: {error!r}", file=sys.stderr)
     release_wrapper()
     gc.collect()
+    clear_current()
     if not (dist.is_available() and dist.is_initialized()):
         return
     if synchronize:

@@ -24,7 +24,7 @@ from torch import nn
 from distrain.errors import ConfigError
 
 if TYPE_CHECKING:
-    from distrain.ddp import Context
+    from distrain.context import Context
 
 log = logging.getLogger("distrain")
 BlockSpec = Sequence[type[nn.Module] | str]

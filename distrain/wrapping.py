@@ -21,10 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distrain.context import resolve
 from distrain.errors import ConfigError
 
 if TYPE_CHECKING:
-    from distrain.ddp import Context
+    from distrain.context import Context
 
 log = logging.getLogger("distrain")
 STRATEGIES = ("auto", "ddp", "dp", "fsdp", "none")
@@ -57,7 +58,7 @@ def choose_strategy(
 
 def wrap(
     model: nn.Module,
-    ctx: Context,
+    ctx: Context | None = None,
     strategy: str = "auto",
     *,
     sync_batchnorm: bool = False,
@@ -69,6 +70,7 @@ def wrap(
     ``static_graph`` for DDP; ``blocks``, ``min_block_params``, ``mixed_precision``,
     ``reshard_after_forward`` for FSDP.
     """
+    ctx = resolve(ctx)
     visible = torch.cuda.device_count() if ctx.device.type == "cuda" else 0
     chosen, reason = choose_strategy(
         strategy, world_size=ctx.world_size, visible_gpus=visible, has_process_group=ctx.distributed

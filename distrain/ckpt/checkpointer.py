@@ -60,10 +60,11 @@ from distrain.ckpt.store import (
     read_manifest,
     verify,
 )
+from distrain.context import resolve
 from distrain.errors import ConfigError
 
 if TYPE_CHECKING:
-    from distrain.ddp import Context
+    from distrain.context import Context
 
 
 class Checkpointer:
@@ -80,7 +81,7 @@ class Checkpointer:
     def __init__(
         self,
         root: str | os.PathLike[str],
-        ctx: Context,
+        ctx: Context | None = None,
         keep_last: int | None = 3,
         keep_every: int | None = None,
         async_save: bool = False,
@@ -93,7 +94,7 @@ class Checkpointer:
         self.sharded = sharded
         self._sharded = ShardedSaver()
         self.store = CheckpointStore(root)
-        self.ctx = ctx
+        self.ctx = ctx = resolve(ctx)
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.async_save = bool(async_save)

@@ -36,7 +36,7 @@ from distrain.ckpt.store import CheckpointError, Staging
 
 if TYPE_CHECKING:
     from distrain.ckpt.checkpointer import Checkpointer
-    from distrain.ddp import Context
+    from distrain.context import Context
 
 STORAGE = "dcp"  # the manifest's "storage" of an object that lives in the .distcp shards
 METADATA_FILE = ".metadata"  # DCP's index of the shards

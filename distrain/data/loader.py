@@ -16,11 +16,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from distrain.context import resolve
 from distrain.data.sampler import ResumableDistributedSampler
 from distrain.errors import ConfigError
 
 if TYPE_CHECKING:
-    from distrain.ddp import Context
+    from distrain.context import Context
 
 
 class ResumableLoader(DataLoader):  # type: ignore[type-arg]
@@ -65,7 +66,7 @@ def seed_worker(worker_id: int) -> None:
 
 def build_loader(
     dataset: Dataset[Any],
-    ctx: Context,
+    ctx: Context | None = None,
     batch_size: int | None = None,
     *,
     global_batch_size: int | None = None,
@@ -85,6 +86,7 @@ def build_loader(
     seeded and persistent. Randomness inside the dataset should come from the sample index (or
     the per-worker seed) for bit-exact resume; the shuffle order itself is always exact.
     """
+    ctx = resolve(ctx)
     per_rank = _per_rank_batch(batch_size, global_batch_size, ctx.world_size)
     length = len(dataset) if isinstance(dataset, Sized) else None
     if length is None:

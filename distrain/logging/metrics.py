@@ -31,7 +31,7 @@ from distrain.logging.tensorboard import to_float
 if TYPE_CHECKING:
     import torch
 
-    from distrain.ddp import Context
+    from distrain.context import Context
 
 __all__ = [
     "CUDA_MEMORY",

@@ -32,7 +32,7 @@ from distrain.logging.tensorboard import to_float
 if TYPE_CHECKING:
     import torch
 
-    from distrain.ddp import Context
+    from distrain.context import Context
 
 __all__ = [
     "PROGRESS_ENV",

@@ -37,13 +37,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from distrain.context import resolve
 from distrain.errors import ConfigError
 from distrain.logging.sink import Sink
 
 if TYPE_CHECKING:
     import torch
 
-    from distrain.ddp import Context
+    from distrain.context import Context
 
 __all__ = ["DEFAULT_FLUSH_SECS", "HPARAMS_SUBDIR", "TBLogger", "has_event_files", "to_float"]
 
@@ -88,7 +89,7 @@ class TBLogger:
     def __init__(
         self,
         log_dir: str | os.PathLike[str],
-        ctx: Context,
+        ctx: Context | None = None,
         *,
         purge_step: int | None = None,
         flush_secs: float = DEFAULT_FLUSH_SECS,
@@ -105,7 +106,7 @@ class TBLogger:
         if not isinstance(flush_secs, (int, float)) or flush_secs <= 0:
             raise ConfigError("flush_secs", flush_secs, "a positive number of seconds", "e.g. 10")
         self.log_dir = Path(log_dir)
-        self.enabled = bool(ctx.is_main)
+        self.enabled = bool(resolve(ctx).is_main)
         self.purge_step = purge_step
         self.flush_secs = float(flush_secs)
         self._sink: Sink | None = None
