@@ -41,6 +41,14 @@ def test_digits_with_its_defaults_reaches_095_with_checkpoints_and_logs(tmp_path
 
 
 @pytest.mark.timeout(150)
+def test_logging_tour_prints_progress_summary_and_writes_scalars(tmp_path: Path) -> None:
+    output = launch2(example("digits_logging.py"), "--run-dir", str(tmp_path), "--epochs", "1", timeout=140)
+    assert "[rank0]:epoch 0: step 23, eval/accuracy" in output, output[-2000:]
+    assert re.search(r"\[rank0\]:done: 23 steps in [\d.]+s", output), output[-2000:]
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+
+
+@pytest.mark.timeout(150)
 def test_cifar10_tutorial_net_trains_on_fakedata(tmp_path: Path) -> None:
     output = launch2("--preload", "torchvision", example("cifar10_net.py"), "--fake-size", "64",
                      "--epochs", "1", "--print-every", "4")
