@@ -14,6 +14,7 @@ What it adds to ``torchrun``, all on top of ``elastic_launch``:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -194,7 +195,7 @@ class LocalLauncher(Launcher):
                 local_ranks_filter=set(config.local_ranks_filter)
                 if config.local_ranks_filter else None,
             ),
-            shutdown_timeout=round(config.term_timeout),
+            **fields_known_to(TorchLaunchConfig, shutdown_timeout=round(config.term_timeout)),
         )
         entrypoint, args = worker_command(config)
         try:
@@ -323,3 +324,13 @@ def _describe_failure(rank: int, failure: Any, attempt_dir: Path | None) -> Rank
         peer_lost=is_peer_lost(output),
         raised=raised_on_its_own(failure),
     )
+
+
+def fields_known_to(config_type: type, **values: Any) -> dict[str, Any]:
+    """The ``values`` that ``config_type`` (a dataclass) has fields for.
+
+    ``shutdown_timeout`` came to torch's ``LaunchConfig`` in a later release than the oldest torch
+    distrain supports; there the reaper still enforces the grace period.
+    """
+    known = {field.name for field in dataclasses.fields(config_type)}
+    return {name: value for name, value in values.items() if name in known}
