@@ -141,14 +141,6 @@ def shard_model(
     return model
 
 
-def release_fsdp(module: nn.Module) -> None:
-    """FSDP2 keeps its process group in its device mesh; nothing to drop before the barrier.
-
-    Measured (pitfalls.md): FSDP2 with a barrier before ``destroy_process_group`` did not abort;
-    ``cleanup()`` always synchronises first. ``make stress`` keeps counting it.
-    """
-
-
 def clip_grad_norm(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
     """``clip_grad_norm_`` for DDP, DataParallel, plain and FSDP2 (DTensor) models alike.
 

@@ -154,12 +154,6 @@ class RunResult:
     def ok(self) -> bool:
         return not self.failures and self.signal is None
 
-    @property
-    def returncodes(self) -> dict[int, int]:
-        codes = dict.fromkeys(self.return_values, 0)
-        codes.update({f.rank: f.exitcode for f in self.failures})
-        return codes
-
     def summary(self) -> str:
         if self.signal:
             return f"distrain: stopped by {self.signal}; workers were asked to stop first."

@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
-import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn
+from typing import NoReturn
 
 DEFAULT_START_METHOD = "forkserver"
 
@@ -150,15 +149,3 @@ def build_launch_parser(prog: str = "distrain launch") -> OneLineParser:
     add_launch_arguments(parser)
     return parser
 
-
-def namespace_defaults(**overrides: Any) -> argparse.Namespace:
-    """The launch defaults as a Namespace (for tests and Python callers)."""
-    args = build_launch_parser().parse_args(["placeholder.py"])
-    args.training_script = None
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
-
-
-if __name__ == "__main__":  # pragma: no cover - debugging aid
-    print(parse_launch_args(sys.argv[1:]))

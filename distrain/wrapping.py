@@ -123,15 +123,13 @@ def release_wrapper() -> None:
     destructor now, on the main thread, while the group still exists. The wrapper object the
     user holds stays valid as a container (``.module``) but can no longer run forward.
     """
+    # FSDP2 keeps its group in its device mesh and needs nothing dropped: with the barrier
+    # cleanup() always runs first it does not abort at teardown (pitfalls.md, make stress).
     for wrapper in list(_live_wrappers):
         if isinstance(wrapper, nn.parallel.DistributedDataParallel):
             for name in ("reducer", "logger", "_comm_hooks", "process_group", "_delay_all_reduce_params"):
                 if name in wrapper.__dict__:
                     del wrapper.__dict__[name]
-        else:
-            from distrain.fsdp import release_fsdp
-
-            release_fsdp(wrapper)
     _live_wrappers.clear()
     if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
         torch.cuda.synchronize()
