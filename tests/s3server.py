@@ -35,7 +35,7 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
 
 class _Serving:
     """moto's S3 application served by werkzeug on a thread (what ``ThreadedMotoServer`` does),
-    plus an outage switch: once a request's path contains :attr:`trip`, the server answers it
+    plus an outage switch: at the first request matching :attr:`trip`, the server answers it
     503 and closes its socket, so later requests are refused."""
 
     def __init__(self, host: str, port: int) -> None:
@@ -47,7 +47,7 @@ class _Serving:
         from werkzeug.serving import make_server
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
-        self.trip: str | None = None
+        self.trip: tuple[str, str] | None = None  # (path fragment, method)
         self.tripped = threading.Event()
         self._app = DomainDispatcherApplication(create_backend_app)
         self._server = make_server(host, port, self._wsgi, True, request_handler=MotoRequestHandler)
@@ -62,7 +62,8 @@ class _Serving:
 
     def _wsgi(self, environ: dict[str, Any], start_response: Any) -> Any:
         trip = self.trip
-        if trip is not None and trip in environ.get("PATH_INFO", ""):
+        if (trip is not None and trip[0] in environ.get("PATH_INFO", "")
+                and environ.get("REQUEST_METHOD") == trip[1]):
             if not self.tripped.is_set():
                 self.tripped.set()
                 threading.Thread(target=self.stop, daemon=True).start()
@@ -103,12 +104,12 @@ class S3Server:
         self.client().create_bucket(Bucket=name)
         return name
 
-    def stop_at(self, fragment: str) -> threading.Event:
-        """Go down at the first request whose path contains ``fragment`` (e.g. an object of
-        the checkpoint being saved): that request gets a 503, every later one is refused.
-        Returns the event set when it happened."""
+    def stop_at(self, fragment: str, method: str = "PUT") -> threading.Event:
+        """Go down at the first ``method`` request whose path contains ``fragment`` (e.g. an
+        upload into the checkpoint being saved): that request gets a 503, every later one is
+        refused. Returns the event set when it happened."""
         self._server.tripped.clear()
-        self._server.trip = fragment
+        self._server.trip = (fragment, method)
         return self._server.tripped
 
     def stop(self) -> None:

@@ -251,12 +251,17 @@ class Checkpointer:
 
     def _write_error(self, step: int, error: OSError) -> CheckpointError:
         where = error.filename or self.root
-        newest = [p.name for _, p in self.store.checkpoints()[-1:]]
-        kept = f"{newest[0]} is still the newest checkpoint" if newest else "no checkpoint was lost"
+        try:
+            newest = [p.name for _, p in self.store.checkpoints()[-1:]]
+            kept = f"{newest[0]} is still the newest checkpoint" if newest else "no checkpoint was lost"
+        except OSError:  # the store is unreachable: what it holds was not touched either
+            kept = "the checkpoints already committed are untouched"
+        fix = ("check that the store is reachable (endpoint, credentials, bucket)"
+               if isinstance(self.store, ObjectStore) else "free disk space or pick a writable root")
         return CheckpointError(
             f"could not write checkpoint step {step} to {where}: {error.strerror or error}; "
             f"nothing was published ({kept}) and the training state in memory is unchanged; "
-            "free disk space or pick a writable root, then save again")
+            f"{fix}, then save again")
 
     def _gather_rng(self) -> list[Any]:
         state = capture_rng()

@@ -52,6 +52,9 @@ class RetryPolicy:
     attempts: int = 4
     base: float = 0.25
     deadline: float = 60.0
+    # After a call failed every try, later calls within this many seconds try once: a save
+    # that found the store down fails (and cleans up) without retrying every step again.
+    cooldown: float = 30.0
 
 
 class Remote:
@@ -83,6 +86,7 @@ class Remote:
         self.url = url.rstrip("/")
         self.base = str(path).rstrip("/")
         self.retry = retry or RetryPolicy()
+        self._down_until = 0.0  # see RetryPolicy.cooldown
 
     def key(self, url: str) -> str:
         """The filesystem's own path of ``url`` (a URL under this root, or a bare key)."""
@@ -98,17 +102,20 @@ class Remote:
         """``op()``, retried on transient errors; a final failure is an ``OSError`` naming ``url``.
         A missing object is not transient: ``FileNotFoundError`` at once."""
         start = time.monotonic()
-        for attempt in range(self.retry.attempts):
+        attempts = self.retry.attempts if start >= self._down_until else 1
+        for attempt in range(attempts):
             try:
-                return op()
+                result = op()
+                self._down_until = 0.0
+                return result
             except FileNotFoundError:
                 raise
             except (ValueError, TypeError, KeyError):
                 raise
             except Exception as error:
                 delay = self.retry.base * 2**attempt * (0.5 + random.random())
-                last = attempt == self.retry.attempts - 1
-                if last or time.monotonic() - start + delay > self.retry.deadline:
+                if attempt == attempts - 1 or time.monotonic() - start + delay > self.retry.deadline:
+                    self._down_until = time.monotonic() + self.retry.cooldown
                     detail = str(error).splitlines()[0] if str(error) else type(error).__name__
                     raise OSError(errno.EIO, f"{what} failed after {attempt + 1} tries: {detail}",
                                   url) from error
