@@ -87,7 +87,7 @@ class HashingBuffer:
         return {"sha256": self.digest.hexdigest(), "size": len(self._buffer)}
 
     def upload(self, target: ObjectPath) -> dict[str, Any]:
-        target.remote.put(target.url, memoryview(self._buffer))
+        target.remote.put(target.url, self._buffer)
         return self.record()
 
 

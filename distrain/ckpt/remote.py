@@ -124,11 +124,11 @@ class Remote:
 
     # -- objects (URLs in, URLs out) ---------------------------------------------------------
 
-    def put(self, url: str, data: bytes | bytearray | memoryview) -> None:
+    def put(self, url: str, data: bytes | bytearray) -> None:
+        """Upload ``data`` as one object (no copy: the store's client slices it into parts)."""
         key = self.key(url)
         kwargs = {"chunksize": PART_SIZE} if self.protocol in ("s3", "s3a") else {}
-        self.call("upload", url, lambda: self.fs.pipe_file(key, bytes(data) if isinstance(
-            data, memoryview) else data, **kwargs))
+        self.call("upload", url, lambda: self.fs.pipe_file(key, data, **kwargs))
 
     def get(self, url: str) -> bytes:
         key = self.key(url)
