@@ -2,6 +2,7 @@
 
     python bench/fault_trials.py                  # 20 trials + preemption + hang (a few minutes)
     python bench/fault_trials.py --trials 3 --keep runs/faults
+    python bench/fault_trials.py --s3 --trials 10 --no-scenarios   # checkpoints on S3 (moto)
 
 Every trial launches ``bench/workers/fault_train.py`` (DDP, dropout, shuffled resumable loader,
 a checkpoint every 2 steps, sync or async) with ``distrain launch --nproc-per-node 2
@@ -75,7 +76,7 @@ class Trial:
     leftovers: int
 
 
-def launch_args(ckpt: Path, out: Path, *extra: str, max_restarts: int = 2,
+def launch_args(ckpt: Path | str, out: Path, *extra: str, max_restarts: int = 2,
                 start_method: str = "forkserver", term_timeout: float = 30.0) -> list[str]:
     return distrain_cmd("--nproc-per-node", "2", "--max-restarts", str(max_restarts),
                         "--start-method", start_method, "--term-timeout", str(term_timeout),
@@ -87,13 +88,26 @@ def pid_of(out: Path, attempt: int, rank: int) -> int | None:
     return int(path.read_text()) if path.exists() else None
 
 
-def saving(ckpt: Path, step: int | None = None) -> bool:
-    """A checkpoint (that of ``step``, if given) is being written: its staging directory exists."""
+def saving(ckpt: Path | str, step: int | None = None) -> bool:
+    """A checkpoint (that of ``step``, if given) is being written: its staging directory exists
+    (on S3: its step directory has objects but no manifest yet)."""
+    if isinstance(ckpt, str):
+        return _saving_s3(ckpt, step)
     prefix = ".tmp-" if step is None else f".tmp-step-{step:08d}"
     try:
         return any(name.startswith(prefix) for name in os.listdir(ckpt))
     except FileNotFoundError:
         return False
+
+
+def _saving_s3(url: str, step: int | None) -> bool:
+    from distrain.ckpt.objstore import ObjectStore
+    from distrain.ckpt.store import MANIFEST, parse_step_dir
+
+    store = ObjectStore(url)
+    names = [n for n in store.remote.names(url) if parse_step_dir(n) is not None
+             and (step is None or parse_step_dir(n) == step)]
+    return any(not (store.root / name / MANIFEST).is_file() for name in names)
 
 
 def identical(reference: Path, candidate: Path) -> bool:
@@ -137,12 +151,13 @@ def reference_run(root: Path, start_method: str) -> tuple[Path, float]:
 
 
 def run_trial(index: int, root: Path, reference: Path, window: float, rng: random.Random,
-              start_method: str) -> Trial:
+              start_method: str, s3_root: str | None = None) -> Trial:
     """One trial: launch, SIGKILL a random rank at a random moment, let it restart, compare."""
     mode = "mid-checkpoint" if index % 3 == 2 else "random"
     async_save = rng.random() < 0.5
     victim_rank = rng.randrange(2)
-    out, ckpt = root / f"trial{index:02d}", root / f"trial{index:02d}-ckpt"
+    out = root / f"trial{index:02d}"
+    ckpt: Path | str = f"{s3_root}/trial{index:02d}" if s3_root else root / f"trial{index:02d}-ckpt"
     extra = ["--async-save"] if async_save else []
     slow_step = 2 * rng.randrange(5, 26)  # mid-checkpoint: this step's checkpoint is slow to write
     if mode == "mid-checkpoint":
@@ -251,19 +266,42 @@ def hang(root: Path, *, timeout: float = 5.0, start_method: str = "forkserver") 
 
 
 def run(trials: int = 20, *, seed: int = 0, keep: Path | None = None, start_method: str = "forkserver",
-        scenarios: bool = True) -> dict[str, Any]:
-    """All trials (and the preemption and hang scenarios); prints as it goes, returns the results."""
+        scenarios: bool = True, s3: bool = False) -> dict[str, Any]:
+    """All trials (and the preemption and hang scenarios); prints as it goes, returns the results.
+    ``s3``: the trials checkpoint to moto's S3 server on 127.0.0.1 (started here) instead."""
+    if s3:
+        from tests.s3server import s3_server
+
+        saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+        with s3_server() as server:
+            os.environ.update(server.env())  # the launched ranks inherit it
+            try:
+                return _run(trials, seed=seed, keep=keep, start_method=start_method, scenarios=scenarios,
+                            s3_root=f"s3://{server.make_bucket('fault-trials')}")
+            finally:
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
+    return _run(trials, seed=seed, keep=keep, start_method=start_method, scenarios=scenarios)
+
+
+def _run(trials: int, *, seed: int, keep: Path | None, start_method: str, scenarios: bool,
+         s3_root: str | None = None) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="fault-trials-")) if keep is None else keep
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    print(f"fault trials: {trials} trials, {start_method}; {load_note()}", flush=True)
+    where = f", checkpoints on {s3_root}" if s3_root else ""
+    print(f"fault trials: {trials} trials, {start_method}{where}; {load_note()}", flush=True)
     try:
         reference, train_s = reference_run(root, start_method)
         window = max(train_s, 0.5)
         print(f"  reference run: training took {train_s:.1f}s (the kill window)", flush=True)
         results = []
         for index in range(trials):
-            trial = run_trial(index, root, reference, window, rng, start_method)
+            trial = run_trial(index, root, reference, window, rng, start_method, s3_root)
             results.append(trial)
             print(f"  trial {index:2d}: {trial.mode:<14} rank {trial.victim_rank} after {trial.delay_s:.2f}s"
                   f"{' mid-checkpoint' if trial.mid_checkpoint else ''}"
@@ -305,9 +343,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--start-method", default="forkserver", choices=("forkserver", "spawn"))
     parser.add_argument("--keep", type=Path, default=None, help="keep runs, logs and checkpoints here")
     parser.add_argument("--no-scenarios", action="store_true", help="trials only: no preemption, no hang")
+    parser.add_argument("--s3", action="store_true",
+                        help="trials checkpoint to moto's S3 server on 127.0.0.1 (needs moto[server])")
     args = parser.parse_args(argv)
     report = run(args.trials, seed=args.seed, keep=args.keep, start_method=args.start_method,
-                 scenarios=not args.no_scenarios)
+                 scenarios=not args.no_scenarios, s3=args.s3)
     ok = report["identical"] == report["total"]
     if "preemption" in report:
         pre = report["preemption"]

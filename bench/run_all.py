@@ -7,7 +7,8 @@
 Sections (each also runs alone, see its file): ``overhead`` (steps/s vs a hand-written loop under
 torchrun, and fast start vs spawn), ``startup`` (first step and first barrier, 2-16 ranks, vs
 torchrun), ``ray`` (start-up vs Ray Train's TorchTrainer), ``ckpt`` (async save stall,
-write throughput vs dd), ``faults`` (kill-anywhere trials, preemption, hang) and, when
+write throughput vs dd), ``ckpt_s3`` (S3 upload throughput vs s3fs, async stall on S3),
+``faults`` (kill-anywhere trials, preemption, hang) and, when
 bench/sharded_memory.py is present, ``sharded`` (checkpoint memory, sharded vs full). A section
 that fails is reported and the others still run; the exit code is then 1.
 """
@@ -28,10 +29,10 @@ from typing import Any
 
 if not __package__:  # run as a script: python bench/run_all.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import ckpt_stall, fault_trials, overhead, startup, startup_ray
+from bench import ckpt_s3, ckpt_stall, fault_trials, overhead, startup, startup_ray
 from bench.common import REPO, load_note, machine
 
-SECTIONS = ("overhead", "startup", "ray", "ckpt", "faults", "sharded")
+SECTIONS = ("overhead", "startup", "ray", "ckpt", "ckpt_s3", "faults", "sharded")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,6 +74,7 @@ def sections(plan: Plan) -> dict[str, Callable[[], Any]]:
         "startup": lambda: startup.run_bench(plan.reps, sizes=plan.sizes),
         "ray": lambda: startup_ray.run_bench(plan.reps),
         "ckpt": lambda: ckpt_stall.run_bench(plan.reps),
+        "ckpt_s3": lambda: ckpt_s3.run_bench(min(plan.reps, 3)),
         "faults": lambda: fault_trials.run(plan.fault_trials),
     }
     sharded = sharded_runner(plan)
