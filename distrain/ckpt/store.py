@@ -5,7 +5,7 @@ Layout of a checkpoint root::
     root/
       latest                  # text: the name of the newest committed checkpoint, replaced atomically
       step-00001200/          # one directory per checkpoint, complete or absent
-        manifest.json         # kind, step, world size, versions, sha256 + size of every file
+        manifest.json         # kind, step, world size, versions, digest + size of every file
         model.pt ...          # the state files (which ones depends on the kind)
       .tmp-step-00001400-*/   # a save in progress (or killed): never read, removed by the next writer
 
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from distrain.ckpt import digest as file_digest
 from distrain.errors import ConfigError
 
 FORMAT = "distrain-checkpoint"
@@ -45,7 +46,6 @@ KINDS = ("full", "sharded")
 MANIFEST = "manifest.json"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
-_CHUNK = 1 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -79,11 +79,7 @@ def fsync_dir(path: Path) -> None:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest.file_digest(path, "sha256")
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
@@ -137,7 +133,7 @@ class _HashingWriter:
     def __init__(self, file: IO[bytes], hasher: ThreadPoolExecutor | None = None) -> None:
         self._file = file
         self._hasher = hasher
-        self.digest = hashlib.sha256()
+        self.digest = file_digest.new()
         self.size = 0
         self.error: OSError | None = None  # torch.save turns a failed write into a vague error
 
@@ -194,7 +190,7 @@ class Staging:
                 raise failed from error
             raw.flush()
             os.fsync(raw.fileno())
-        self.files[name] = {"sha256": hashing.digest.hexdigest(), "size": hashing.size}
+        self.files[name] = file_digest.record(hashing.digest, hashing.size)
 
     def write_files(self, writers: dict[str, Callable[[IO[bytes]], None]]) -> None:
         """:meth:`write_file` for each, side by side on threads: serializing, hashing and the
@@ -214,7 +210,7 @@ class Staging:
         target = self.path / name
         with open(target, "rb+") as file:
             os.fsync(file.fileno())
-        self.files[name] = {"sha256": sha256_file(target), "size": target.stat().st_size}
+        self.files[name] = file_digest.file_record(target)
 
     def commit(self, meta: dict[str, Any]) -> Path:
         """Write the manifest, fsync, rename into place. Returns the published directory."""
@@ -286,7 +282,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def verify(path: Path, *, hashes: bool = True) -> Verification:
-    """Check every file against the manifest (size, and sha256 unless ``hashes=False``)."""
+    """Check every file against the manifest (size, and digest unless ``hashes=False``)."""
     path = Path(path)
     try:
         manifest = read_manifest(path)
@@ -301,8 +297,8 @@ def verify(path: Path, *, hashes: bool = True) -> Verification:
             problems.append(f"{name}: missing")
         elif target.stat().st_size != record.get("size"):
             problems.append(f"{name}: size {target.stat().st_size} != {record.get('size')} in the manifest")
-        elif hashes and sha256_file(target) != record.get("sha256"):
-            problems.append(f"{name}: sha256 mismatch (the file is corrupt)")
+        elif hashes and (wrong := file_digest.mismatch(target, record)):
+            problems.append(f"{name}: {wrong}")
     return Verification(path=path, problems=tuple(problems), manifest=manifest)
 
 
