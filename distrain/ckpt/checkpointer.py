@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 import distrain
+from distrain.ckpt.background import BackgroundWriter
 from distrain.ckpt.convert import gather_full, is_fsdp, original_class, restore_full
 from distrain.ckpt.sharded import STORAGE, ShardedSaver
 from distrain.ckpt.sharded import load as load_sharded
@@ -52,7 +53,6 @@ from distrain.ckpt.state import (
     state_of,
 )
 from distrain.ckpt.store import (
-    BackgroundWriter,
     CheckpointError,
     CheckpointStore,
     Staging,

@@ -28,7 +28,6 @@ import json
 import os
 import re
 import shutil
-import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterable
@@ -400,39 +399,3 @@ class CheckpointStore:
                           CheckpointWarning, stacklevel=3)
         return None
 
-
-class BackgroundWriter:
-    """Runs one write at a time on a thread; its error is raised by the next :meth:`wait`/submit.
-
-    The thread is not a daemon: an interpreter exiting normally finishes the write first.
-    """
-
-    def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    @property
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self.wait()
-        self._thread = threading.Thread(target=self._run, args=(job,), name="distrain-ckpt-writer")
-        self._thread.start()
-
-    def _run(self, job: Callable[[], None]) -> None:
-        try:
-            job()
-        except BaseException as error:  # kept for the caller: a background error is never lost
-            self._error = error
-
-    def wait(self) -> None:
-        """Join the write in flight, if any; raise its error (once) as a CheckpointError."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        error, self._error = self._error, None
-        if error is not None:
-            if isinstance(error, CheckpointError):
-                raise CheckpointError(f"background checkpoint write failed: {error}") from error
-            raise CheckpointError(f"background checkpoint write failed: {error!r}") from error
