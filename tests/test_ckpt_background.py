@@ -6,6 +6,7 @@ import ctypes
 import os
 import platform
 import threading
+import time
 
 import pytest
 
@@ -28,16 +29,19 @@ def priorities() -> tuple[int, int | None]:
 
 def test_the_job_and_the_threads_it_starts_run_at_low_priority_the_caller_does_not() -> None:
     seen: dict[str, tuple[int, int | None]] = {}
+    done = threading.Event()
 
     def job() -> None:
         seen["job"] = priorities()
         helper = threading.Thread(target=lambda: seen.__setitem__("helper", priorities()))
         helper.start()
         helper.join()
+        done.set()
 
     caller = priorities()
     writer = BackgroundWriter()
     writer.submit(job)
+    assert done.wait(timeout=60)  # before wait(): waiting gives the job the caller's priority
     writer.wait()
     assert priorities() == caller and caller[0] < LOW_NICE
     assert seen["job"][0] == LOW_NICE and seen["helper"][0] == LOW_NICE
@@ -60,3 +64,22 @@ def test_nice_none_keeps_the_callers_priority_and_errors_surface_once() -> None:
         writer.wait()
     writer.wait()  # raised once
     assert not writer.busy
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a thread's priority back needs root (or RLIMIT_NICE)")
+def test_a_job_the_caller_waits_for_gets_the_callers_priority_back() -> None:
+    lowered = threading.Event()
+    seen: list[int] = []
+
+    def job() -> None:
+        lowered.set()
+        deadline = time.monotonic() + 60
+        while priorities()[0] == LOW_NICE and time.monotonic() < deadline:
+            time.sleep(0.01)  # a poll with a deadline: the job runs until wait() raises it
+        seen.append(priorities()[0])
+
+    writer = BackgroundWriter()
+    writer.submit(job)
+    assert lowered.wait(timeout=60)
+    writer.wait()
+    assert seen == [priorities()[0]]

@@ -14,7 +14,10 @@ job's thread lowers its own priority first, and every thread it starts inherits 
   the write on a disk that is never idle.
 
 Jobs release the GIL in their heavy parts (writes, digests), so a low-priority job holding the
-interpreter lock for long is not what keeps training waiting.
+interpreter lock for long is not what keeps training waiting. Once training waits for the job
+(:meth:`BackgroundWriter.wait`), low priority would only make it wait longer: the job's threads
+get the caller's CPU priority back for the rest (where the system allows raising it: root, or
+``RLIMIT_NICE``).
 """
 
 from __future__ import annotations
@@ -34,12 +37,20 @@ _IOPRIO_WHO_PROCESS = 1  # with a thread id: that thread
 _IOPRIO_CLASS_BE, _IOPRIO_LOWEST_LEVEL = 2, 7
 
 
+def _thread_nice(tid: int) -> int | None:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, tid)
+    except (OSError, AttributeError):
+        return None
+
+
 def lower_priority(nice: int = LOW_NICE) -> None:
     """Lower the calling thread's CPU priority to ``nice`` (never raise it) and its I/O priority
     to best-effort level 7. Best effort: a platform without these calls keeps the priority."""
     tid = threading.get_native_id()
     with contextlib.suppress(OSError, AttributeError):  # AttributeError: no setpriority (Windows)
-        if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+        current = _thread_nice(tid)
+        if current is not None and current < nice:
             os.setpriority(os.PRIO_PROCESS, tid, nice)
     number = _IOPRIO_SET.get(platform.machine())
     if number is None:
@@ -84,6 +95,8 @@ class BackgroundWriter:
     def wait(self) -> None:
         """Join the job in flight, if any; raise its error (once) as a CheckpointError."""
         if self._thread is not None:
+            if self._thread.is_alive():
+                self._restore_priority()
             self._thread.join()
             self._thread = None
         error, self._error = self._error, None
@@ -91,3 +104,18 @@ class BackgroundWriter:
             if isinstance(error, CheckpointError):
                 raise CheckpointError(f"background {self.what} failed: {error}") from error
             raise CheckpointError(f"background {self.what} failed: {error!r}") from error
+
+    def _restore_priority(self) -> None:
+        """The caller now waits for the job: its threads (ours, named ``distrain-...``, still at
+        the lowered priority) get the caller's CPU priority back. Best effort."""
+        if self.nice is None:
+            return
+        caller = _thread_nice(threading.get_native_id())
+        if caller is None or caller >= self.nice:
+            return
+        for thread in threading.enumerate():
+            tid = thread.native_id
+            if tid is None or not thread.name.startswith("distrain-") or _thread_nice(tid) != self.nice:
+                continue
+            with contextlib.suppress(OSError):  # raising a priority needs root or RLIMIT_NICE
+                os.setpriority(os.PRIO_PROCESS, tid, caller)
