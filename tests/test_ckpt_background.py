@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import sys
 import threading
 import time
 
@@ -13,6 +14,8 @@ import pytest
 from distrain.ckpt import CheckpointError
 from distrain.ckpt.background import LOW_NICE, BackgroundWriter
 
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="per-thread priorities are set by thread id on Linux only")
 _IOPRIO_GET = {"x86_64": 252, "aarch64": 31}
 
 

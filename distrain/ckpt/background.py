@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import os
 import platform
+import sys
 import threading
 from collections.abc import Callable
 
@@ -38,6 +39,8 @@ _IOPRIO_CLASS_BE, _IOPRIO_LOWEST_LEVEL = 2, 7
 
 
 def _thread_nice(tid: int) -> int | None:
+    if not sys.platform.startswith("linux"):  # elsewhere a thread id is not a process id
+        return None
     try:
         return os.getpriority(os.PRIO_PROCESS, tid)
     except (OSError, AttributeError):
@@ -46,9 +49,11 @@ def _thread_nice(tid: int) -> int | None:
 
 def lower_priority(nice: int = LOW_NICE) -> None:
     """Lower the calling thread's CPU priority to ``nice`` (never raise it) and its I/O priority
-    to best-effort level 7. Best effort: a platform without these calls keeps the priority."""
+    to best-effort level 7. Linux only (elsewhere the priority is kept), best effort."""
+    if not sys.platform.startswith("linux"):  # per-thread priorities by thread id: Linux only
+        return
     tid = threading.get_native_id()
-    with contextlib.suppress(OSError, AttributeError):  # AttributeError: no setpriority (Windows)
+    with contextlib.suppress(OSError, AttributeError):
         current = _thread_nice(tid)
         if current is not None and current < nice:
             os.setpriority(os.PRIO_PROCESS, tid, nice)
