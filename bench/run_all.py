@@ -5,12 +5,12 @@
     python bench/run_all.py --only startup,ckpt --reps 7
 
 Sections (each also runs alone, see its file): ``overhead`` (steps/s vs a hand-written loop under
-torchrun, and fast start vs spawn), ``startup`` (first step and first barrier, 2-16 ranks, vs
-torchrun), ``ray`` (start-up vs Ray Train's TorchTrainer), ``ckpt`` (async save stall,
-write throughput vs dd), ``ckpt_s3`` (S3 upload throughput vs s3fs, async stall on S3),
-``faults`` (kill-anywhere trials, preemption, hang) and, when
-bench/sharded_memory.py is present, ``sharded`` (checkpoint memory, sharded vs full). A section
-that fails is reported and the others still run; the exit code is then 1.
+torchrun, and fast start vs spawn over 15 interleaved launch pairs), ``startup`` (first step and
+first barrier, 2-16 ranks, vs torchrun), ``ray`` (start-up vs Ray Train's TorchTrainer), ``ckpt``
+(async save stall and training time lost vs a blocking save, write throughput vs dd),
+``ckpt_s3`` (S3 upload throughput vs s3fs, async stall on S3), ``faults`` (kill-anywhere trials,
+preemption, hang) and, when bench/sharded_memory.py is present, ``sharded`` (checkpoint memory,
+sharded vs full). A section that fails is reported and the others still run; the exit code is then 1.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def test_ls_lists_steps_sizes_validity_and_latest(root: Path, capsys: pytest.Cap
     assert main(["ls", str(root)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["step", "time", "size", "kind", "world", "valid"]
-    assert lines[1].split()[0] == "10" and "NO: optimizer.pt: sha256 mismatch" in lines[1]
+    assert lines[1].split()[0] == "10" and "NO: optimizer.pt: xxh3_128 mismatch" in lines[1]
     assert lines[2].split()[:2] == ["*", "20"] and lines[2].endswith("yes")
     assert " KB " in lines[2] and " full " in lines[2]
 
@@ -80,7 +80,7 @@ def test_verify_names_the_corrupt_file_and_exits_1(root: Path, capsys: pytest.Ca
     flip_bit(root / "step-00000020" / "model.pt")
     assert main(["verify", str(root / "step-00000020")]) == 1
     captured = capsys.readouterr()
-    assert "FAILED" in captured.out and "model.pt: sha256 mismatch" in captured.out
+    assert "FAILED" in captured.out and "model.pt: xxh3_128 mismatch" in captured.out
     assert main(["verify", str(root)]) == 1
     out = capsys.readouterr().out
     assert "OK      " + str(root / "step-00000010") in out and "step-00000020: model.pt" in out

@@ -173,7 +173,7 @@ def test_a_corrupted_object_is_named_by_verify_and_skipped_by_load_latest(
     _corrupt(s3, bucket, "run/step-00000002/model.pt")
     checked = distrain("ckpt", "verify", root, env=env)
     assert checked.returncode == 1, checked.stdout + checked.stderr
-    assert "step-00000002: model.pt: sha256 mismatch" in checked.stdout, checked.stdout
+    assert "step-00000002: model.pt: xxh3_128 mismatch" in checked.stdout, checked.stdout
     assert f"OK      {root}/step-00000001" in checked.stdout
 
     fresh = nn.Linear(16, 4)

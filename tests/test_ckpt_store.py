@@ -71,12 +71,13 @@ def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
 
 
 def rewrite_manifest(path: Path, changed_file: str) -> None:
-    """What an attacker does: make the manifest agree with a replaced file."""
-    from distrain.ckpt.store import sha256_file
+    """What an attacker does: make the manifest agree with a replaced file (an old-format,
+    sha256 record: both kinds verify)."""
+    from distrain.ckpt.digest import file_digest
 
     manifest = json.loads((path / "manifest.json").read_text())
     target = path / changed_file
-    manifest["files"][changed_file] = {"sha256": sha256_file(target), "size": target.stat().st_size}
+    manifest["files"][changed_file] = {"sha256": file_digest(target, "sha256"), "size": target.stat().st_size}
     manifest["manifest_sha256"] = manifest_digest(manifest)
     (path / "manifest.json").write_text(json.dumps(manifest))
 
@@ -203,9 +204,9 @@ def test_bit_flip_is_named_by_verify_and_load_falls_back(tmp_path: Path) -> None
     target.write_bytes(bytes(data))
 
     result = verify(tmp_path / "step-00000002")
-    assert not result.ok and result.problems == ("model.pt: sha256 mismatch (the file is corrupt)",)
+    assert not result.ok and result.problems == ("model.pt: xxh3_128 mismatch (the file is corrupt)",)
     fresh = Net()
-    with pytest.warns(CheckpointWarning, match=r"step-00000002: model\.pt: sha256 mismatch"):
+    with pytest.warns(CheckpointWarning, match=r"step-00000002: model\.pt: xxh3_128 mismatch"):
         assert Checkpointer(tmp_path, CTX).load_latest(model=fresh) == 1
     assert same_tensors(fresh.state_dict(), first)
 
@@ -216,6 +217,26 @@ def test_bit_flip_is_named_by_verify_and_load_falls_back(tmp_path: Path) -> None
         assert Checkpointer(tmp_path, CTX).load_latest(model=fresh) is None
     assert [str(w.message).split(": ")[0].rsplit("/", 1)[1] for w in skipped] == [
         "step-00000002", "step-00000001"]
+
+
+def test_manifests_recording_sha256_still_verify_and_load(tmp_path: Path) -> None:
+    """Checkpoints written before xxh3_128 record sha256 digests: still checked, still loaded."""
+    model, optimizer, _ = trained()
+    Checkpointer(tmp_path, CTX).save(3, model=model, optimizer=optimizer)
+    path = tmp_path / "step-00000003"
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert all(set(entry) == {"xxh3_128", "size"} for entry in manifest["files"].values())
+    for name in manifest["files"]:
+        rewrite_manifest(path, name)  # the old format, file by file
+    assert verify(path).ok
+    fresh = Net()
+    assert Checkpointer(tmp_path, CTX).load_latest(model=fresh) == 3
+    assert same_tensors(fresh.state_dict(), model.state_dict())
+
+    data = bytearray((path / "optimizer.pt").read_bytes())
+    data[len(data) // 3] ^= 0x10
+    (path / "optimizer.pt").write_bytes(bytes(data))
+    assert verify(path).problems == ("optimizer.pt: sha256 mismatch (the file is corrupt)",)
 
 
 class Payload:

@@ -21,7 +21,7 @@ from distrain.logging import StepTimer, TBLogger, grad_norm, train_scalars
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # The same models and data as the plain loop.
-from workloads import Workload, build, timed, worker_args, write_rates
+from workloads import Timing, Workload, build, timed, worker_args, write_rates
 
 
 def training(work: Workload, ctx: ddp.Context, log_dir: Path) -> Iterator[int]:
@@ -50,8 +50,8 @@ def training(work: Workload, ctx: ddp.Context, log_dir: Path) -> Iterator[int]:
             epoch += 1
 
 
-def measure(name: str, ctx: ddp.Context, log_dir: Path, scale: float) -> float:
-    """Steps/s of the timed steps, after the warm-up."""
+def measure(name: str, ctx: ddp.Context, log_dir: Path, scale: float) -> Timing:
+    """Steps/s of the timed steps, after the warm-up, and what they cost the process."""
     work = build(name, scale=scale)
     return timed(training(work, ctx, log_dir), work)
 

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import Workload, build, timed, worker_args, write_rates
+from workloads import Timing, Workload, build, timed, worker_args, write_rates
 
 
 def log_scalars(writer: SummaryWriter | None, model: torch.nn.Module, loss: torch.Tensor,
@@ -83,8 +83,8 @@ def training(work: Workload, rank: int, world_size: int, log_dir: Path) -> Itera
         gc.collect()
 
 
-def measure(name: str, rank: int, world_size: int, log_dir: Path, scale: float) -> float:
-    """Steps/s of the timed steps, after the warm-up."""
+def measure(name: str, rank: int, world_size: int, log_dir: Path, scale: float) -> Timing:
+    """Steps/s of the timed steps, after the warm-up, and what they cost the process."""
     work = build(name, scale=scale)
     return timed(training(work, rank, world_size, log_dir), work)
 

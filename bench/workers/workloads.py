@@ -9,7 +9,9 @@ larger steps with a real gradient all-reduce (11.6 MB).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,16 +79,34 @@ def build(name: str, *, scale: float = 1.0) -> Workload:
     raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOADS}")
 
 
-def timed(steps: Iterator[int], work: Workload) -> float:
-    """Drive a training generator through the warm-up, then time ``work.steps`` steps: steps/s."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timing:
+    """The timed steps of one workload on one rank: speed, and what the process paid per step
+    (page faults: copy-on-write or fresh pages; switches: the kernel took the CPU away)."""
+
+    steps_per_s: float
+    minor_faults_per_step: float
+    involuntary_switches_per_step: float
+    gc_collections: int
+
+
+def timed(steps: Iterator[int], work: Workload) -> Timing:
+    """Drive a training generator through the warm-up, then time ``work.steps`` steps."""
     for _ in range(work.warmup):
         next(steps)
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    collections = sum(generation["collections"] for generation in gc.get_stats())
     start = time.perf_counter()
     for _ in range(work.steps):
         next(steps)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    collections = sum(generation["collections"] for generation in gc.get_stats()) - collections
     steps.close()  # type: ignore[attr-defined]  # a generator: runs its clean-up
-    return work.steps / elapsed
+    return Timing(steps_per_s=work.steps / elapsed,
+                  minor_faults_per_step=(after.ru_minflt - before.ru_minflt) / work.steps,
+                  involuntary_switches_per_step=(after.ru_nivcsw - before.ru_nivcsw) / work.steps,
+                  gc_collections=collections)
 
 
 def worker_args() -> argparse.Namespace:
@@ -98,6 +118,11 @@ def worker_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def write_rates(out: Path, rates: dict[str, float]) -> None:
-    """Rank 0's result: steps/s per workload, and the intra-op threads it trained with."""
-    out.write_text(json.dumps(rates | {"threads": torch.get_num_threads()}))
+def write_rates(out: Path, timings: dict[str, Timing]) -> None:
+    """Rank 0's result: steps/s per workload, what each step cost the process ("usage"), and the
+    intra-op threads it trained with."""
+    rates: dict[str, object] = {name: timing.steps_per_s for name, timing in timings.items()}
+    usage = {name: {"minor_faults_per_step": round(t.minor_faults_per_step, 2),
+                    "involuntary_switches_per_step": round(t.involuntary_switches_per_step, 3),
+                    "gc_collections": t.gc_collections} for name, t in timings.items()}
+    out.write_text(json.dumps(rates | {"usage": usage, "threads": torch.get_num_threads()}))

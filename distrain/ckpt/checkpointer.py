@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 import distrain
+from distrain.ckpt.background import BackgroundWriter
 from distrain.ckpt.convert import gather_full, is_fsdp, original_class, restore_full
 from distrain.ckpt.objstore import ObjectStaging, ObjectStore, open_store
 from distrain.ckpt.remote import ObjectPath
@@ -56,7 +57,6 @@ from distrain.ckpt.state import (
     state_of,
 )
 from distrain.ckpt.store import (
-    BackgroundWriter,
     CheckpointError,
     CheckpointPath,
     Staging,

@@ -103,7 +103,7 @@ def _total_size(manifest: dict[str, Any]) -> int:
 
 def _ls_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", help="a checkpoint root")
-    parser.add_argument("--quick", action="store_true", help="check sizes only, not sha256")
+    parser.add_argument("--quick", action="store_true", help="check sizes only, not digests")
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -325,7 +325,7 @@ COMMANDS: dict[str, Command] = {
     "ls": ("list checkpoints: step, time, size, kind, valid?", _ls_args, _ls),
     "inspect": ("metadata, objects, tensor shapes and dtypes, parameter count",
                 _inspect_args, _inspect),
-    "verify": ("check sizes and sha256 of every file; exit 1 naming a bad one",
+    "verify": ("check sizes and digests of every file; exit 1 naming a bad one",
                _verify_args, _verify),
     "export": ("write the bare model weights (a plain state dict)", _export_args, _export),
     "consolidate": ("merge a sharded checkpoint's shards into one plain state dict (model weights)",

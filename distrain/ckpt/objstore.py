@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
+from distrain.ckpt import digest as file_digest
 from distrain.ckpt.remote import ObjectPath, Remote, is_url
 from distrain.ckpt.store import (
     LATEST,
@@ -39,7 +40,6 @@ from distrain.ckpt.store import (
     CheckpointWarning,
     Verification,
     build_manifest,
-    new_digest,
     parse_step_dir,
     select_for_deletion,
     step_dir_name,
@@ -56,7 +56,7 @@ class HashingBuffer:
 
     def __init__(self) -> None:
         self._buffer = bytearray()
-        self.digest = new_digest()
+        self.digest = file_digest.new()
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
@@ -84,7 +84,7 @@ class HashingBuffer:
         return False
 
     def record(self) -> dict[str, Any]:
-        return {"sha256": self.digest.hexdigest(), "size": len(self._buffer)}
+        return file_digest.record(self.digest, len(self._buffer))
 
     def upload(self, target: ObjectPath) -> dict[str, Any]:
         target.remote.put(target.url, self._buffer)

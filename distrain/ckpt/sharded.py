@@ -4,7 +4,7 @@ Used by :class:`~distrain.ckpt.Checkpointer` when a saved model is FSDP-wrapped 
 ``sharded=True``). A checkpoint directory then holds::
 
     step-00001200/
-      manifest.json       # kind "sharded", world size, sha256 + size of every file below
+      manifest.json       # kind "sharded", world size, digest + size of every file below
       .metadata           # DCP's index: global shape of every tensor, which shard holds which piece
       __0_0.distcp ...    # one file per rank: that rank's shards of model and optimizer
       rng.pt extra.json   # every rank's RNG state; JSON values

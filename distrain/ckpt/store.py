@@ -5,7 +5,7 @@ Layout of a checkpoint root::
     root/
       latest                  # text: the name of the newest committed checkpoint, replaced atomically
       step-00001200/          # one directory per checkpoint, complete or absent
-        manifest.json         # kind, step, world size, versions, sha256 + size of every file
+        manifest.json         # kind, step, world size, versions, digest + size of every file
         model.pt ...          # the state files (which ones depends on the kind)
       .tmp-step-00001400-*/   # a save in progress (or killed): never read, removed by the next writer
 
@@ -28,7 +28,6 @@ import json
 import os
 import re
 import shutil
-import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterable
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from distrain.ckpt import digest as file_digest
 from distrain.ckpt.remote import ObjectPath
 from distrain.errors import ConfigError
 
@@ -46,7 +46,6 @@ KINDS = ("full", "sharded")
 MANIFEST = "manifest.json"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
-_CHUNK = 1 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -81,19 +80,6 @@ def fsync_dir(path: Path) -> None:
 
 # A checkpoint directory: on disk, or under an object-store URL (read alike).
 CheckpointPath = Path | ObjectPath
-
-
-def new_digest() -> Any:
-    """The hash object behind every file digest in a manifest (``update``, ``hexdigest``)."""
-    return hashlib.sha256()
-
-
-def sha256_file(path: CheckpointPath) -> str:
-    digest = new_digest()
-    with path.open("rb") as file:
-        while chunk := file.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
@@ -147,7 +133,7 @@ class _HashingWriter:
     def __init__(self, file: IO[bytes], hasher: ThreadPoolExecutor | None = None) -> None:
         self._file = file
         self._hasher = hasher
-        self.digest = new_digest()
+        self.digest = file_digest.new()
         self.size = 0
         self.error: OSError | None = None  # torch.save turns a failed write into a vague error
 
@@ -204,7 +190,7 @@ class Staging:
                 raise failed from error
             raw.flush()
             os.fsync(raw.fileno())
-        self.files[name] = {"sha256": hashing.digest.hexdigest(), "size": hashing.size}
+        self.files[name] = file_digest.record(hashing.digest, hashing.size)
 
     def write_files(self, writers: dict[str, Callable[[IO[bytes]], None]]) -> None:
         """:meth:`write_file` for each, side by side on threads: serializing, hashing and the
@@ -224,7 +210,7 @@ class Staging:
         target = self.path / name
         with open(target, "rb+") as file:
             os.fsync(file.fileno())
-        self.files[name] = {"sha256": sha256_file(target), "size": target.stat().st_size}
+        self.files[name] = file_digest.file_record(target)
 
     def commit(self, meta: dict[str, Any]) -> Path:
         """Write the manifest, fsync, rename into place. Returns the published directory."""
@@ -305,7 +291,7 @@ def read_manifest(path: CheckpointPath | str) -> dict[str, Any]:
 
 
 def verify(path: CheckpointPath | str, *, hashes: bool = True) -> Verification:
-    """Check every file against the manifest (size, and sha256 unless ``hashes=False``)."""
+    """Check every file against the manifest (size, and digest unless ``hashes=False``)."""
     path = _as_path(path)
     try:
         manifest = read_manifest(path)
@@ -326,8 +312,8 @@ def verify(path: CheckpointPath | str, *, hashes: bool = True) -> Verification:
             problems.append(f"{name}: missing")
         elif size != record.get("size"):
             problems.append(f"{name}: size {size} != {record.get('size')} in the manifest")
-        elif hashes and sha256_file(target) != record.get("sha256"):
-            problems.append(f"{name}: sha256 mismatch (the file is corrupt)")
+        elif hashes and (wrong := file_digest.mismatch(target, record)):
+            problems.append(f"{name}: {wrong}")
     return Verification(path=path, problems=tuple(problems), manifest=manifest)
 
 
@@ -429,39 +415,3 @@ class CheckpointStore:
                           CheckpointWarning, stacklevel=3)
         return None
 
-
-class BackgroundWriter:
-    """Runs one write at a time on a thread; its error is raised by the next :meth:`wait`/submit.
-
-    The thread is not a daemon: an interpreter exiting normally finishes the write first.
-    """
-
-    def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    @property
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def submit(self, job: Callable[[], None]) -> None:
-        self.wait()
-        self._thread = threading.Thread(target=self._run, args=(job,), name="distrain-ckpt-writer")
-        self._thread.start()
-
-    def _run(self, job: Callable[[], None]) -> None:
-        try:
-            job()
-        except BaseException as error:  # kept for the caller: a background error is never lost
-            self._error = error
-
-    def wait(self) -> None:
-        """Join the write in flight, if any; raise its error (once) as a CheckpointError."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        error, self._error = self._error, None
-        if error is not None:
-            if isinstance(error, CheckpointError):
-                raise CheckpointError(f"background checkpoint write failed: {error}") from error
-            raise CheckpointError(f"background checkpoint write failed: {error!r}") from error

@@ -77,6 +77,7 @@ def stop_resource_tracker() -> None:
 
 def run_script(script: str, args: Sequence[str], module: bool) -> None:
     """Run ``script`` (or ``-m`` module) as ``__main__`` in this forked worker, like ``python -u``."""
+    own_session()
     # A forked worker inherits the "forkserver" start method; a script may choose its own.
     multiprocessing.context._default_context._actual_context = None  # type: ignore[attr-defined]
     sys.argv = [script, *args]
@@ -99,6 +100,20 @@ def run_script(script: str, args: Sequence[str], module: bool) -> None:
         raise
     _finish()
     _leave_if_stopped(stop_signals)
+
+
+def own_session() -> None:
+    """Make this worker the leader of its own session, as elastic makes a spawned worker
+    (``Popen(start_new_session=True)``).
+
+    With the kernel's autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``, on by
+    default) every session is one scheduling group with one group's share of the CPU. Forked
+    workers stayed in the launcher's session: all ranks and the launcher shared one share, so
+    whenever anything else ran (the launcher's log tailing, another job) they got less CPU than
+    spawned workers, each in a group of its own (docs/performance.md).
+    """
+    with contextlib.suppress(OSError):  # already a session or group leader: nothing to do
+        os.setsid()
 
 
 def _watch_signals() -> int:
