@@ -7,7 +7,8 @@
 Sections (each also runs alone, see its file): ``overhead`` (steps/s vs a hand-written loop under
 torchrun, and fast start vs spawn), ``startup`` (first step and first barrier, 2-16 ranks, vs
 torchrun), ``ray`` (start-up vs Ray Train's TorchTrainer), ``ckpt`` (async save stall,
-write throughput vs dd), ``faults`` (kill-anywhere trials, preemption, hang) and, when
+write throughput vs dd), ``faults`` (kill-anywhere trials, preemption, hang), ``snapshots``
+(in-memory snapshots: step time, recovery vs torchrun, snapshot fault trials) and, when
 bench/sharded_memory.py is present, ``sharded`` (checkpoint memory, sharded vs full). A section
 that fails is reported and the others still run; the exit code is then 1.
 """
@@ -28,10 +29,10 @@ from typing import Any
 
 if not __package__:  # run as a script: python bench/run_all.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import ckpt_stall, fault_trials, overhead, startup, startup_ray
+from bench import ckpt_stall, fault_trials, overhead, snapshots, startup, startup_ray
 from bench.common import REPO, load_note, machine
 
-SECTIONS = ("overhead", "startup", "ray", "ckpt", "faults", "sharded")
+SECTIONS = ("overhead", "startup", "ray", "ckpt", "faults", "snapshots", "sharded")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,6 +75,9 @@ def sections(plan: Plan) -> dict[str, Callable[[], Any]]:
         "ray": lambda: startup_ray.run_bench(plan.reps),
         "ckpt": lambda: ckpt_stall.run_bench(plan.reps),
         "faults": lambda: fault_trials.run(plan.fault_trials),
+        "snapshots": lambda: snapshots.run_bench(pairs=6 if plan.fault_trials < 20 else 20,
+                                                 reps=1 if plan.fault_trials < 20 else 3,
+                                                 trials=plan.fault_trials),
     }
     sharded = sharded_runner(plan)
     if sharded is not None:
@@ -125,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench: failed: {', '.join(report['errors'])}", file=sys.stderr)
     faults = report["results"].get("faults")
     if faults and faults["identical"] != faults["total"]:
+        return 1
+    snaps = report["results"].get("snapshots")
+    if snaps and snaps["trials"]["identical"] != snaps["trials"]["total"]:
         return 1
     return 1 if report["errors"] else 0
 
