@@ -6,8 +6,10 @@ distrain import), what a torchrun user writes: rank 0 ``torch.save``s model and 
 ``--save-every`` steps and every rank ``torch.load``s the file at start.
 
 On the first attempt rank ``--kill-rank`` writes ``out/kill.json`` (time, step) and SIGKILLs
-itself after step ``--kill-at``. On a later attempt rank 0 writes ``out/resumed.json``: the step
-it resumed from and the time its first step after that completed.
+itself after step ``--kill-at`` (if given). On a later attempt rank 0 writes ``out/resumed.json``:
+the step it resumed from and the time its first step after that completed. Every rank writes its
+pid to ``out/pids/attempt<A>-rank<R>`` (the goodput harness kills from those); rank 0 writes
+``out/done.json`` at the end.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--save-every", type=int, default=20)
     parser.add_argument("--kill-rank", type=int, default=1)
-    parser.add_argument("--kill-at", type=int, required=True)
+    parser.add_argument("--kill-at", type=int, default=None)
     args = parser.parse_args()
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     work = build("mlp")
@@ -93,7 +95,8 @@ def main() -> None:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         plain = TorchSave(args.ckpt, rank)
         step = plain.load(model.module, optimizer)
-    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "pids").mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "pids" / f"attempt{attempt}-rank{rank}", {"pid": os.getpid()})
     resumed_from, first_done = step, attempt == 0
     batch, world = work.batch_size, dist.get_world_size()
     data, labels = work.dataset.tensors
@@ -116,6 +119,8 @@ def main() -> None:
         if attempt == 0 and rank == args.kill_rank and step == args.kill_at:
             write_json(args.out / "kill.json", {"step": step, "time": time.time()})
             os.kill(os.getpid(), signal.SIGKILL)
+    if rank == 0:
+        write_json(args.out / "done.json", {"time": time.time(), "attempt": attempt})
     if args.mode == "snapshot":
         ddp.cleanup()
     else:

@@ -257,7 +257,7 @@ class Snapshots:
     @staticmethod
     def _verify(slot: Slot, step: int) -> bool:
         meta = slot.read_meta()
-        return meta is not None and meta.step == step and slot.read(meta) is not None
+        return meta is not None and meta.step == step and slot.verify(meta)
 
     def restore(self, step: int, objects: dict[str, Any], kinds: dict[str, str]) -> dict[str, Any]:
         """Put snapshot ``step`` into ``objects`` and this rank's RNG; returns the JSON values."""

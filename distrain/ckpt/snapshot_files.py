@@ -145,9 +145,15 @@ class Slot:
         except (OSError, RuntimeError, EOFError, TypeError, KeyError, ValueError):
             return None
 
+    def _mapped(self, meta: SlotMeta) -> torch.Tensor | None:
+        """The data, mapped, if it matches its CRC."""
+        data = torch.from_file(str(self.data_path), shared=True, size=meta.size, dtype=torch.uint8)
+        return data if crc(data) == meta.crc else None
+
+    def verify(self, meta: SlotMeta) -> bool:
+        return self._mapped(meta) is not None
+
     def read(self, meta: SlotMeta) -> list[torch.Tensor] | None:
         """Private copies of the slot's tensors, or None if the data does not match its CRC."""
-        data = torch.from_file(str(self.data_path), shared=True, size=meta.size, dtype=torch.uint8)
-        if crc(data) != meta.crc:
-            return None
-        return [view.clone() for view in self.views(meta, data)]
+        data = self._mapped(meta)
+        return None if data is None else [view.clone() for view in self.views(meta, data)]
