@@ -5,7 +5,7 @@ One DDP loop per workload; it runs in alternating chunks of ``--chunk`` steps, w
 drift on the machine hits both halves of a pair alike. A chunk with snapshots includes waiting
 for its last copy. Rank 0 writes ``{"<workload>": {"pairs": [[with_s, without_s], ...],
 "snapshot_mb": ...}}`` to ``--out``. Workloads: ``digits`` and ``mlp`` (bench/workers/workloads.py)
-and ``large``: a 195 MB MLP (six 2048-wide layers... see :func:`large`).
+and ``large``: a 195 MB MLP (:func:`large`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from workloads import Workload, build
 
 from distrain import ddp
 from distrain.ckpt import Checkpointer
+from distrain.ckpt.snapshot import remove
 from distrain.data import build_loader
 
 
@@ -89,6 +90,8 @@ def compare(work: Workload, ctx: ddp.Context, root: Path, *, pairs: int, chunk: 
         seconds.append([with_, without])
     size = sum(p.numel() * p.element_size() for p in work.model.parameters())
     steps.close()  # type: ignore[attr-defined]
+    ckpt.wait()
+    remove(root / work.name)  # this workload's snapshots: the next one takes the room
     return {"pairs": seconds, "state_mb": round(2 * size / 2**20, 1)}  # weights + momentum
 
 

@@ -21,9 +21,12 @@ checkpoint at the same step or later makes the older slots redundant (dropped at
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import json
 import os
+import queue
 import shutil
 import sys
 import threading
@@ -109,6 +112,10 @@ class Snapshots:
         self.rank_dir = self.dir / f"rank-{ctx.rank:05d}"
         self.slots = [Slot(self.rank_dir, i) for i in range(SLOTS)]
         self._steps: list[int | None] | None = None  # each slot's step (None: empty), once read
+        # One long-lived copier thread (starting a thread per step costs more than a small copy)
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._idle = threading.Event()
+        self._idle.set()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._hooked: set[int] = set()
@@ -117,6 +124,9 @@ class Snapshots:
         self._taking = 0
         if ctx.local_rank == 0 and base_dir().is_dir():
             sweep(base_dir())
+        # Also a script that drops its Checkpointer and never calls cleanup ends clean: the
+        # process's exit decides (not garbage collection, which also runs on a crash's way out).
+        atexit.register(self.close)
 
     # -- taking -------------------------------------------------------------------------
 
@@ -150,9 +160,19 @@ class Snapshots:
             else:  # may change before the next optimizer step (buffers, RNG): copy now
                 view.copy_(tensor)
         self._hook(objects)
-        self._thread = threading.Thread(target=self._finish, args=(slot, meta, data, later),
-                                        name="distrain-snapshot", daemon=True)
-        self._thread.start()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._serve, name="distrain-snapshot", daemon=True)
+            self._thread.start()
+        self._idle.clear()
+        self._jobs.put(functools.partial(self._finish, slot, meta, data, later))
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            finally:
+                self._idle.set()
 
     def _pick(self) -> Slot:
         """The slot to overwrite: an empty one, else the one holding the oldest step."""
@@ -178,9 +198,7 @@ class Snapshots:
 
     def wait(self) -> None:
         """Finish the copy in flight; raise its error, if any."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join()
+        self._idle.wait()
         error, self._error = self._error, None
         if error is not None:
             raise CheckpointError(f"snapshot in {self.rank_dir} failed: {error}") from error
@@ -295,7 +313,7 @@ class Snapshots:
         self._steps = None
 
     def close(self) -> None:
-        """At cleanup: wait; when the script ends cleanly, remove this rank's snapshots."""
+        """At cleanup and exit: wait; when the script ends cleanly, remove this rank's snapshots."""
         try:
             self.wait()
         finally:
