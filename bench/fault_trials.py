@@ -16,6 +16,11 @@ Preemption: SIGTERM to the launcher mid-run; the workers agree on a step, save a
 within the grace period (``--term-timeout``) and exit; the launcher exits 143 (the preemption
 exit code, 128 + SIGTERM). Launching the same command again resumes and must end bit-identical.
 
+Snapshots (``--snapshots N``, also run by ``bench/snapshots.py``): the same worker with a snapshot
+after every step and a durable checkpoint every 50; a random rank SIGKILLs itself after a random
+step; the restarted run must resume from the step before the kill or later and end bit-identical,
+with nothing left in ``/dev/shm``.
+
 Hang: one rank blocks forever before a step; the other waits in DDP's gradient all-reduce until
 the collective timeout (``ddp.init(timeout=...)``) fails it: the job ends with the failure
 summary naming rank 0 and gloo's "Timed out waiting 5000ms" line, the timeout plus teardown after
@@ -28,6 +33,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -197,6 +203,65 @@ def run_trial(index: int, root: Path, reference: Path, window: float, rng: rando
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SnapshotTrial:
+    index: int
+    victim_rank: int
+    kill_at: int
+    resumed_at: int | None
+    from_snapshot: bool
+    identical: bool
+    shm_left: bool
+    seconds: float
+
+
+def snapshot_trial(index: int, root: Path, reference: Path, rng: random.Random) -> SnapshotTrial:
+    """One snapshot trial: rank R SIGKILLs itself after step K; resume from >= K-1, identical."""
+    from distrain.ckpt.snapshot import run_dir
+
+    victim, kill_at = rng.randrange(2), rng.randrange(2, STEPS - 1)
+    out, ckpt = root / f"snap{index:02d}", root / f"snap{index:02d}-ckpt"
+    argv = launch_args(ckpt, out, "--save-every", "50", "--snapshot-every", "1",
+                       "--kill-rank", str(victim), "--kill-at", str(kill_at), max_restarts=1)
+    try:
+        done, _ = finish(Running(argv, log=root / f"snap{index:02d}.log"), f"snapshot trial {index}")
+        found = re.findall(r"resumed from (snapshot step|step) (\d+)", done.output)
+        left = run_dir(ckpt).exists()
+    finally:
+        shutil.rmtree(run_dir(ckpt), ignore_errors=True)
+    same = done.returncode == 0 and identical(reference, out / "final.pt")
+    if not same:
+        print(f"  snapshot trial {index}: rc {done.returncode}, output tail:\n{done.output[-2500:]}",
+              flush=True)
+    return SnapshotTrial(index=index, victim_rank=victim, kill_at=kill_at,
+                         resumed_at=int(found[-1][1]) if found else None,
+                         from_snapshot=bool(found) and found[-1][0] == "snapshot step",
+                         identical=same, shm_left=left, seconds=round(done.seconds, 1))
+
+
+def snapshot_trials(root: Path, trials: int, rng: random.Random,
+                    start_method: str = "forkserver") -> dict[str, Any]:
+    """``trials`` snapshot trials against one uninterrupted reference run; prints as it goes."""
+    root.mkdir(parents=True, exist_ok=True)
+    reference, _ = reference_run(root, start_method)
+    results = []
+    for index in range(trials):
+        trial = snapshot_trial(index, root, reference, rng)
+        results.append(trial)
+        lost = None if trial.resumed_at is None else trial.kill_at - trial.resumed_at
+        print(f"  snapshot trial {index:2d}: rank {trial.victim_rank} killed after step {trial.kill_at}, "
+              f"resumed from {'snapshot' if trial.from_snapshot else 'checkpoint'} step {trial.resumed_at} "
+              f"({lost} lost) -> {'identical' if trial.identical else 'DIFFERENT'}"
+              f"{' SNAPSHOTS LEFT IN /dev/shm' if trial.shm_left else ''} ({trial.seconds}s)", flush=True)
+    good = [t for t in results if t.identical and not t.shm_left and t.resumed_at is not None
+            and t.resumed_at >= t.kill_at - 1]
+    lost = [t.kill_at - t.resumed_at for t in results if t.resumed_at is not None]
+    print(f"{len(good)}/{trials} snapshot trials identical, <= 1 step lost, nothing left in /dev/shm "
+          f"(steps lost: mean {sum(lost) / max(len(lost), 1):.2f}, max {max(lost, default=0)})", flush=True)
+    return {"trials": [asdict(t) for t in results], "identical": len(good), "total": trials,
+            "lost_mean": round(sum(lost) / max(len(lost), 1), 2), "lost_max": max(lost, default=0)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Preemption:
     exit_code: int
     saved_step: int | None
@@ -345,7 +410,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-scenarios", action="store_true", help="trials only: no preemption, no hang")
     parser.add_argument("--s3", action="store_true",
                         help="trials checkpoint to moto's S3 server on 127.0.0.1 (needs moto[server])")
+    parser.add_argument("--snapshots", type=int, default=0, metavar="N",
+                        help="N snapshot trials instead of the others (bench/snapshots.py runs 20)")
     args = parser.parse_args(argv)
+    if args.snapshots:
+        root = Path(tempfile.mkdtemp(prefix="snapshot-trials-")) if args.keep is None else args.keep
+        try:
+            snaps = snapshot_trials(root, args.snapshots, random.Random(args.seed), args.start_method)
+        finally:
+            if args.keep is None:
+                shutil.rmtree(root, ignore_errors=True)
+        return 0 if snaps["identical"] == snaps["total"] else 1
     report = run(args.trials, seed=args.seed, keep=args.keep, start_method=args.start_method,
                  scenarios=not args.no_scenarios, s3=args.s3)
     ok = report["identical"] == report["total"]

@@ -9,7 +9,8 @@ torchrun, and fast start vs spawn over 15 interleaved launch pairs), ``startup``
 first barrier, 2-16 ranks, vs torchrun), ``ray`` (start-up vs Ray Train's TorchTrainer), ``ckpt``
 (async save stall and training time lost vs a blocking save, write throughput vs dd),
 ``ckpt_s3`` (S3 upload throughput vs s3fs, async stall on S3), ``faults`` (kill-anywhere trials,
-preemption, hang) and, when bench/sharded_memory.py is present, ``sharded`` (checkpoint memory,
+preemption, hang), ``snapshots`` (in-memory snapshots: step time, recovery vs torchrun,
+snapshot fault trials) and, when bench/sharded_memory.py is present, ``sharded`` (checkpoint memory,
 sharded vs full). A section that fails is reported and the others still run; the exit code is then 1.
 """
 
@@ -29,10 +30,10 @@ from typing import Any
 
 if not __package__:  # run as a script: python bench/run_all.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import ckpt_s3, ckpt_stall, fault_trials, overhead, startup, startup_ray
+from bench import ckpt_s3, ckpt_stall, fault_trials, overhead, snapshots, startup, startup_ray
 from bench.common import REPO, load_note, machine
 
-SECTIONS = ("overhead", "startup", "ray", "ckpt", "ckpt_s3", "faults", "sharded")
+SECTIONS = ("overhead", "startup", "ray", "ckpt", "ckpt_s3", "faults", "snapshots", "sharded")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,6 +77,10 @@ def sections(plan: Plan) -> dict[str, Callable[[], Any]]:
         "ckpt": lambda: ckpt_stall.run_bench(plan.reps),
         "ckpt_s3": lambda: ckpt_s3.run_bench(min(plan.reps, 3)),
         "faults": lambda: fault_trials.run(plan.fault_trials),
+        "snapshots": lambda: snapshots.run_bench(pairs=6 if plan.fault_trials < 20 else 20,
+                                                 reps=1 if plan.fault_trials < 20 else 3,
+                                                 trials=plan.fault_trials,
+                                                 goodput_steps=0 if plan.fault_trials < 20 else 4000),
     }
     sharded = sharded_runner(plan)
     if sharded is not None:
@@ -127,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench: failed: {', '.join(report['errors'])}", file=sys.stderr)
     faults = report["results"].get("faults")
     if faults and faults["identical"] != faults["total"]:
+        return 1
+    snaps = report["results"].get("snapshots")
+    if snaps and "trials" in snaps and snaps["trials"]["identical"] != snaps["trials"]["total"]:
         return 1
     return 1 if report["errors"] else 0
 

@@ -12,6 +12,9 @@ optimizer state) into ``--out``. What the harness needs to aim its faults:
   write ``out/preempted`` and exit;
 * ``--ballast-at N`` (first attempt only) adds ``--ballast-mb`` of zeros to step N's checkpoint, so
   writing it takes long enough for the harness to kill a rank mid-checkpoint every time;
+* ``--snapshot-every N`` keeps an in-memory snapshot every N steps (``ckpt.snapshot``);
+  ``--kill-rank R --kill-at N`` (first attempt only) makes rank R SIGKILL itself right after
+  step N's snapshot started (its copy is then usually still in flight);
 * ``--hang-rank R --hang-at N`` makes rank R block forever before step N's collective (a stuck
   rank): the others must fail by the collective timeout ``--timeout`` (``ddp.init(timeout=...)``).
 """
@@ -62,6 +65,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=None, help="collective timeout, seconds")
     parser.add_argument("--ballast-at", type=int, default=None, help="a slow checkpoint at this step")
     parser.add_argument("--ballast-mb", type=int, default=160)
+    parser.add_argument("--snapshot-every", type=int, default=None)
+    parser.add_argument("--kill-rank", type=int, default=None)
+    parser.add_argument("--kill-at", type=int, default=None)
     parser.add_argument("--hang-rank", type=int, default=None)
     parser.add_argument("--hang-at", type=int, default=None)
     args = parser.parse_args()
@@ -83,10 +89,11 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=20, gamma=0.7)
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "loader": loader}
-    ckpt = Checkpointer(args.ckpt, ctx, keep_last=2, async_save=args.async_save)
+    ckpt = Checkpointer(args.ckpt, ctx, keep_last=2, async_save=args.async_save,
+                        snapshot_every=args.snapshot_every)
     step = ckpt.load_latest(**state) or 0
     if step:
-        ddp.print0(f"resumed from step {step}")
+        ddp.print0(f"resumed from {'step' if ckpt.path else 'snapshot step'} {step}")
 
     epoch = loader.epoch
     while step < args.steps:
@@ -101,6 +108,10 @@ def main() -> None:
             optimizer.step()
             scheduler.step()
             step += 1
+            if args.snapshot_every:
+                ckpt.snapshot(step, **state)
+            if attempt == 0 and ctx.rank == args.kill_rank and step == args.kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
             if stop.agreed():
                 ckpt.save(step, **state)
                 ckpt.wait()

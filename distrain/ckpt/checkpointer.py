@@ -44,6 +44,7 @@ from distrain.ckpt.objstore import ObjectStaging, ObjectStore, open_store
 from distrain.ckpt.remote import ObjectPath
 from distrain.ckpt.sharded import STORAGE, ShardedSaver
 from distrain.ckpt.sharded import load as load_sharded
+from distrain.ckpt.snapshot import Snapshots
 from distrain.ckpt.state import (
     JSON_FILE,
     RNG_FILE,
@@ -82,6 +83,9 @@ class Checkpointer:
     sharded when a saved model is FSDP-wrapped, full (rank 0 writes) otherwise.
     ``storage_options``: passed to fsspec when ``root`` is a URL (credentials, ``endpoint_url``);
     by default S3 reads the ``AWS_*`` environment variables.
+    ``snapshot_every``: ``snapshot(step, ...)`` keeps the state of every N-th step in node-local
+    shared memory, and ``load_latest`` resumes from it when it is newer than the newest
+    checkpoint (:mod:`distrain.ckpt.snapshot`).
     """
 
     def __init__(
@@ -93,6 +97,7 @@ class Checkpointer:
         async_save: bool = False,
         sharded: bool | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        snapshot_every: int | None = None,
     ) -> None:
         check_retention(keep_last, keep_every)
         if sharded is not None and not isinstance(sharded, bool):
@@ -118,6 +123,9 @@ class Checkpointer:
 
         on_cleanup(self.wait)
         on_cleanup(self._sharded.wait)  # also when this Checkpointer is gone before its write
+        self._snapshots = None if snapshot_every is None else Snapshots(root, ctx, snapshot_every)
+        if self._snapshots is not None:
+            on_cleanup(self._snapshots.close)
 
     @property
     def root(self) -> CheckpointPath:
@@ -167,9 +175,26 @@ class Checkpointer:
             except Exception as failed:
                 error = failed
         self._raise_everywhere(error, step)  # also the barrier: no rank runs ahead of the write
+        if self._snapshots is not None:
+            self._snapshots.drop(through=step)  # the checkpoint makes them redundant
+
+    def snapshot(self, step: int, **objects: Any) -> bool:
+        """Keep the state in memory if ``step`` is a multiple of ``snapshot_every`` (call it on
+        every rank after every optimizer step); True when a snapshot was started."""
+        if self._snapshots is None:
+            raise ConfigError("snapshot_every", None, "a positive integer to take snapshots",
+                              "e.g. Checkpointer(root, ctx, snapshot_every=1)")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError("step", step, "a non-negative integer", "pass the global step count")
+        if step % self._snapshots.every:
+            return False
+        self._snapshots.take(step, objects, {name: kind_of(name, obj) for name, obj in objects.items()})
+        return True
 
     def wait(self) -> None:
         """Finish the background write in flight and raise its error, if any."""
+        if self._snapshots is not None:
+            self._snapshots.wait()
         try:
             self._sharded.wait()
         finally:
@@ -303,21 +328,34 @@ class Checkpointer:
                                   "a dict to receive the saved JSON value",
                                   f"pass {name}={{}} or read .values[{name!r}] after loading")
         self.wait()
+        in_memory = self._snapshots.agree() if self._snapshots is not None else None
         choice: str | None = None
         error: str | None = None
         if self.ctx.is_main:
             try:
                 found = self.store.newest_valid()
                 choice = str(found.path) if found is not None else None
+                durable = int((found.manifest or {})["step"]) if found is not None else -1
+                if in_memory is not None and in_memory >= durable:
+                    choice = ""  # the snapshot: as new or newer, and read from memory
             except OSError as failed:
                 error = f"cannot read checkpoints under {self.root}: {failed}"
         choice, error = self._from_main((choice, error))
         if error is not None:
             raise CheckpointError(error)
-        if choice is None:
-            return None
-        path = ObjectPath(self.store.remote, choice) if isinstance(self.store, ObjectStore) else Path(choice)
-        return self._load(path, objects, kinds)
+        if choice == "" and self._snapshots is not None and in_memory is not None:
+            self.values = self._snapshots.restore(in_memory, objects, kinds)
+            self.path = None
+            self._snapshots.drop(after=in_memory)
+            return in_memory
+        step = None
+        if choice is not None:
+            remote = isinstance(self.store, ObjectStore)
+            path = ObjectPath(self.store.remote, choice) if remote else Path(choice)
+            step = self._load(path, objects, kinds)
+        if self._snapshots is not None:  # older, or of a timeline given up: none is needed now
+            self._snapshots.drop()
+        return step
 
     def _load(self, path: CheckpointPath, objects: dict[str, Any], kinds: dict[str, str]) -> int:
         manifest = read_manifest(path)

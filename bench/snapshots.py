@@ -1,0 +1,203 @@
+"""In-memory snapshots: what they cost per step, how fast a run recovers, how many steps it loses.
+
+    python bench/snapshots.py                  # step time, recovery, snapshot fault trials
+    python bench/snapshots.py --quick          # fewer pairs and repetitions, 3 trials
+
+* Step time: ``bench/workers/snapshot_steps.py`` (2 ranks) runs each workload in alternating
+  chunks with a snapshot after every step and without; ratio = median over pairs of
+  (with / without). Goal for digits: <= 1.03. For the 195 MB model the interval that would keep
+  it under 1.03 is derived from the per-step cost (a snapshot every N steps costs 1/N of it).
+* Recovery: ``bench/workers/recovery_train.py`` (the MLP workload, 2 ranks) kills rank 1 with
+  SIGKILL at a random step; the launcher restarts the group. distrain (``--max-restarts 1``, a
+  snapshot every step, a durable checkpoint every 20) vs ``torchrun --max-restarts 1`` running the
+  same script resuming from its last ``torch.save`` (every 20 steps). Recovery = from the kill
+  to the first completed step after the restart; steps lost = kill step - resumed step.
+* Goodput: the same script for ``--goodput-steps`` steps (about 3 minutes here) with a random
+  worker SIGKILLed every ``--kill-every`` seconds (30) and up to 100 restarts; goodput = the
+  wall time of the same run without faults / the wall time with them, distrain vs torchrun.
+* Fault trials: ``bench/fault_trials.py``'s snapshot variant (random rank, random step, a
+  snapshot every step and a durable checkpoint every 50; bit-identical end, <= 1 step lost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if not __package__:  # run as a script: python bench/snapshots.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import fault_trials
+from bench.common import WORKERS, Running, distrain_cmd, load_note, run, torchrun_cmd
+
+GOAL_STEP = 1.03
+GOAL_RECOVERY = 0.25
+SAVE_EVERY = 20
+
+
+def step_time(root: Path, *, pairs: int) -> dict[str, Any]:
+    """Ratio of step time with a snapshot after every step to without, per workload."""
+    out = root / "steps.json"
+    run(distrain_cmd("--nproc-per-node", "2", str(WORKERS / "snapshot_steps.py"), "--out", str(out),
+                     "--ckpt", str(root / "steps-ckpt"), "--pairs", str(pairs)),
+        timeout=1800, log=root / "steps.log").check()
+    rows: dict[str, Any] = {}
+    for name, result in json.loads(out.read_text()).items():
+        ratios = sorted(w / wo for w, wo in result["pairs"])
+        ratio = statistics.median(ratios)
+        # a snapshot every N steps costs about 1/N of one after every step
+        interval = max(1, math.ceil((ratio - 1) / (GOAL_STEP - 1) - 1e-9))
+        rows[name] = {"ratio": round(ratio, 3), "state_mb": result["state_mb"],
+                      "low": round(ratios[len(ratios) // 4], 3),
+                      "high": round(ratios[3 * len(ratios) // 4], 3),
+                      "interval_for_goal": interval}
+        print(f"  step time {name} ({result['state_mb']} MB of state): snapshot every step / none = "
+              f"{ratio:.3f} (quartiles {rows[name]['low']}-{rows[name]['high']}); a snapshot every "
+              f"{rows[name]['interval_for_goal']} step(s) keeps it under {GOAL_STEP}", flush=True)
+    return rows
+
+
+def recovery_once(root: Path, side: str, kill_at: int) -> dict[str, float]:
+    ckpt, out = root / f"{side}-{kill_at}-ckpt", root / f"{side}-{kill_at}"
+    script = [str(WORKERS / "recovery_train.py"), "--ckpt", str(ckpt), "--out", str(out),
+              "--kill-at", str(kill_at), "--save-every", str(SAVE_EVERY),
+              "--mode", "snapshot" if side == "distrain" else "torchsave"]
+    launch = distrain_cmd if side == "distrain" else torchrun_cmd
+    run(launch("--nproc-per-node", "2", "--max-restarts", "1", *script), timeout=600,
+        log=root / f"{side}-{kill_at}.log").check()
+    killed = json.loads((out / "kill.json").read_text())
+    resumed = json.loads((out / "resumed.json").read_text())
+    return {"recovery_s": resumed["time"] - killed["time"], "lost": killed["step"] - resumed["step"]}
+
+
+def recovery(root: Path, *, reps: int, rng: random.Random) -> dict[str, Any]:
+    """distrain (snapshots) vs torchrun (torch.save): seconds to recover and steps lost."""
+    runs: dict[str, list[dict[str, float]]] = {"distrain": [], "torchrun": []}
+    for rep in range(reps):
+        kill_at = rng.randrange(SAVE_EVERY + 2, 2 * SAVE_EVERY)
+        for side in (("distrain", "torchrun") if rep % 2 == 0 else ("torchrun", "distrain")):
+            runs[side].append(recovery_once(root, side, kill_at))
+    result: dict[str, Any] = {}
+    for side, found in runs.items():
+        result[side] = {"recovery_s": round(statistics.median(r["recovery_s"] for r in found), 2),
+                        "lost_mean": round(statistics.mean(r["lost"] for r in found), 1),
+                        "runs": found}
+    result["ratio"] = round(result["distrain"]["recovery_s"] / result["torchrun"]["recovery_s"], 3)
+    print(f"  recovery from SIGKILL to the next completed step: "
+          f"distrain {result['distrain']['recovery_s']}s, "
+          f"torchrun {result['torchrun']['recovery_s']}s, ratio {result['ratio']} (goal <= {GOAL_RECOVERY}); "
+          f"steps lost per failure: distrain {result['distrain']['lost_mean']}, "
+          f"torchrun {result['torchrun']['lost_mean']} (a torch.save every {SAVE_EVERY})", flush=True)
+    return result
+
+
+def newest_pids(out: Path) -> list[int]:
+    """The pids of the newest attempt's ranks (from recovery_train.py's pid files)."""
+    found: dict[int, list[int]] = {}
+    for path in (out / "pids").glob("attempt*-rank*"):
+        attempt = int(path.name.split("-")[0].removeprefix("attempt"))
+        found.setdefault(attempt, []).append(json.loads(path.read_text())["pid"])
+    return found[max(found)] if found else []
+
+
+def goodput_once(root: Path, side: str, *, steps: int, kill_every: float | None,
+                 rng: random.Random) -> dict[str, float]:
+    """Wall time of one run (and how many kills landed), with a kill every ``kill_every`` s."""
+    name = f"goodput-{side}-{'faults' if kill_every else 'clean'}"
+    ckpt, out = root / f"{name}-ckpt", root / name
+    script = [str(WORKERS / "recovery_train.py"), "--ckpt", str(ckpt), "--out", str(out),
+              "--steps", str(steps), "--save-every", str(SAVE_EVERY),
+              "--mode", "snapshot" if side == "distrain" else "torchsave"]
+    launch = distrain_cmd if side == "distrain" else torchrun_cmd
+    running = Running(launch("--nproc-per-node", "2", "--max-restarts", "100", *script),
+                      log=root / f"{name}.log")
+    kills = 0
+    try:
+        next_kill = time.time() + (kill_every or 0)
+        while kill_every and running.alive():
+            if time.time() >= next_kill:
+                pids = newest_pids(out)
+                if pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(rng.choice(pids), signal.SIGKILL)
+                        kills += 1
+                next_kill += kill_every
+            time.sleep(0.1)  # polling a benchmark's clock, not synchronisation
+        done = running.wait(3600).check()
+    except BaseException:
+        running.kill()
+        raise
+    return {"wall_s": round(done.seconds, 1), "kills": kills}
+
+
+def goodput(root: Path, *, steps: int, kill_every: float, rng: random.Random) -> dict[str, Any]:
+    result: dict[str, Any] = {"steps": steps, "kill_every_s": kill_every}
+    for side in ("distrain", "torchrun"):
+        clean = goodput_once(root, side, steps=steps, kill_every=None, rng=rng)
+        faulty = goodput_once(root, side, steps=steps, kill_every=kill_every, rng=rng)
+        result[side] = {"clean_s": clean["wall_s"], "faults_s": faulty["wall_s"], "kills": faulty["kills"],
+                        "goodput": round(clean["wall_s"] / faulty["wall_s"], 3)}
+    print(f"  goodput, a worker killed every {kill_every:g}s: distrain {result['distrain']['goodput']} "
+          f"({result['distrain']['kills']} kills, {result['distrain']['clean_s']}s clean, "
+          f"{result['distrain']['faults_s']}s with faults), torchrun {result['torchrun']['goodput']} "
+          f"({result['torchrun']['kills']} kills, {result['torchrun']['clean_s']}s clean, "
+          f"{result['torchrun']['faults_s']}s with faults)", flush=True)
+    return result
+
+
+def run_bench(*, pairs: int = 20, reps: int = 3, trials: int = 20, seed: int = 0,
+              goodput_steps: int = 4000, kill_every: float = 30.0,
+              keep: Path | None = None) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="snapshots-")) if keep is None else keep
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    print(f"snapshots: {pairs} pairs, {reps} recoveries per side, {trials} fault trials; {load_note()}",
+          flush=True)
+    try:
+        report: dict[str, Any] = {"step_time": step_time(root, pairs=pairs)}
+        report["recovery"] = recovery(root, reps=reps, rng=rng)
+        if goodput_steps:
+            report["goodput"] = goodput(root, steps=goodput_steps, kill_every=kill_every, rng=rng)
+        if trials:
+            report["trials"] = fault_trials.snapshot_trials(root / "trials", trials, rng)
+        return report
+    finally:
+        if keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="6 pairs, 1 recovery per side, 3 trials")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", type=Path, default=None, help="keep runs and logs here")
+    parser.add_argument("--goodput-steps", type=int, default=None, help="0: no goodput runs")
+    parser.add_argument("--kill-every", type=float, default=30.0)
+    parser.add_argument("--skip-trials", action="store_true")
+    args = parser.parse_args(argv)
+    sizes: dict[str, Any] = {"pairs": 6, "reps": 1, "trials": 3, "goodput_steps": 0} if args.quick else {}
+    if args.goodput_steps is not None:
+        sizes["goodput_steps"] = args.goodput_steps
+    if args.skip_trials:
+        sizes["trials"] = 0
+    report = run_bench(seed=args.seed, keep=args.keep, kill_every=args.kill_every, **sizes)
+    if not args.skip_trials and report["trials"]["identical"] != report["trials"]["total"]:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

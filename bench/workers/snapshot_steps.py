@@ -1,0 +1,118 @@
+"""Step time with a snapshot after every step vs without, paired in one 2-rank launch.
+
+One DDP loop per workload; it runs in alternating chunks of ``--chunk`` steps, with
+``ckpt.snapshot(step, ...)`` after every step or without (order flipped every pair), so load
+drift on the machine hits both halves of a pair alike. A chunk with snapshots includes waiting
+for its last copy. Rank 0 writes ``{"<workload>": {"pairs": [[with_s, without_s], ...],
+"snapshot_mb": ...}}`` to ``--out``. Workloads: ``digits`` and ``mlp`` (bench/workers/workloads.py)
+and ``large``: a 195 MB MLP (:func:`large`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workloads import Workload, build
+
+from distrain import ddp
+from distrain.ckpt import Checkpointer
+from distrain.ckpt.snapshot import remove
+from distrain.data import build_loader
+
+
+def large() -> Workload:
+    """A 51 M parameter (195 MB in float32) MLP on random data, batch 8 per rank."""
+    torch.manual_seed(0)
+    width, generator = 3072, torch.Generator().manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(512, width), nn.ReLU()]
+    for _ in range(5):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    data = TensorDataset(torch.randn(512, 512, generator=generator),
+                         torch.randint(0, 10, (512,), generator=generator))
+    return Workload(name="large", model=nn.Sequential(*layers, nn.Linear(width, 10)), dataset=data,
+                    batch_size=8, warmup=3, steps=0)
+
+
+def training(work: Workload, ctx: ddp.Context, ckpt: Checkpointer, snap: list[bool]) -> Iterator[int]:
+    """The loop; takes a snapshot after a step while ``snap[0]`` is True."""
+    loader = build_loader(work.dataset, ctx, batch_size=work.batch_size, seed=0, num_workers=0)
+    model = ddp.wrap(work.model, ctx)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    step, epoch = 0, 0
+    while True:
+        loader.set_epoch(epoch)
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if snap[0]:
+                ckpt.snapshot(step, model=model, optimizer=optimizer, loader=loader)
+            yield step
+        epoch += 1
+
+
+def compare(work: Workload, ctx: ddp.Context, root: Path, *, pairs: int, chunk: int) -> dict[str, Any]:
+    ckpt = Checkpointer(root / work.name, ctx, snapshot_every=1)
+    snap = [False]
+    steps = training(work, ctx, ckpt, snap)
+
+    def run(with_snapshots: bool) -> float:
+        snap[0] = with_snapshots
+        start = time.perf_counter()
+        for _ in range(chunk):
+            next(steps)
+        ckpt.wait()
+        return time.perf_counter() - start
+
+    run(True)  # warm-up, both ways (the first snapshot allocates its slots)
+    run(False)
+    seconds = []
+    for pair in range(pairs):
+        if pair % 2 == 0:
+            without, with_ = run(False), run(True)
+        else:
+            with_, without = run(True), run(False)
+        seconds.append([with_, without])
+    size = sum(p.numel() * p.element_size() for p in work.model.parameters())
+    steps.close()  # type: ignore[attr-defined]
+    ckpt.wait()
+    remove(root / work.name)  # this workload's snapshots: the next one takes the room
+    return {"pairs": seconds, "state_mb": round(2 * size / 2**20, 1)}  # weights + momentum
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--workloads", default="digits,mlp,large")
+    parser.add_argument("--pairs", type=int, default=20)
+    parser.add_argument("--chunk", default="digits=40,mlp=10,large=3", help="steps per chunk")
+    args = parser.parse_args()
+    chunks = {name: int(steps) for name, steps in (item.split("=") for item in args.chunk.split(","))}
+    ctx = ddp.init()
+    result = {name: compare(large() if name == "large" else build(name), ctx, Path(args.ckpt),
+                            pairs=args.pairs, chunk=chunks[name])
+              for name in args.workloads.split(",")}
+    if ctx.is_main:
+        Path(args.out).write_text(json.dumps(result))
+    dist.barrier()
+    ddp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
