@@ -350,8 +350,8 @@ class Checkpointer:
             return in_memory
         step = None
         if choice is not None:
-            remote = isinstance(self.store, ObjectStore)
-            path = ObjectPath(self.store.remote, choice) if remote else Path(choice)
+            store = self.store
+            path = ObjectPath(store.remote, choice) if isinstance(store, ObjectStore) else Path(choice)
             step = self._load(path, objects, kinds)
         if self._snapshots is not None:  # older, or of a timeline given up: none is needed now
             self._snapshots.drop()
