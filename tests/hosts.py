@@ -96,6 +96,11 @@ class Host:
             raise AssertionError(f"{self.name}: {argv} exited {proc.returncode}\n{out}\n{err}")
         return result
 
+    def free_port(self) -> int:
+        """A TCP port that was free on this host a moment ago."""
+        probe = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
+        return int(self.run(["python3", "-c", probe], check=True, timeout=_TIMEOUT).stdout)
+
     def pids(self) -> list[int]:
         """Every process on this host except the namespace holder."""
         return [p for p in netns_pids(self.netns) if p != self.holder_pid]
