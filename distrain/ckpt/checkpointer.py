@@ -13,7 +13,9 @@
 ``save`` and ``load_latest`` are called on **every** rank (each rank contributes its RNG state
 and learns whether rank 0 succeeded). ``state_dict()`` of the objects is called on rank 0 only:
 under DDP every rank holds the same model and optimizer. Every rank reads the checkpoint files
-itself, so several nodes need the root on a shared filesystem.
+itself. ``root`` may be a directory or an fsspec URL (``s3://bucket/run``, see
+:mod:`distrain.ckpt.objstore`): with a URL, ranks on any node read what they need from the
+store, and nodes share nothing but the URL.
 
 With an FSDP-wrapped model (or ``sharded=True``) every rank writes its own shard instead, through
 ``torch.distributed.checkpoint`` (:mod:`distrain.ckpt.sharded`); ``load_latest`` reads either
@@ -28,7 +30,7 @@ import json
 import os
 import platform
 import socket
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +39,8 @@ import torch.distributed as dist
 
 import distrain
 from distrain.ckpt.convert import gather_full, is_fsdp, original_class, restore_full
+from distrain.ckpt.objstore import ObjectStaging, ObjectStore, open_store
+from distrain.ckpt.remote import ObjectPath
 from distrain.ckpt.sharded import STORAGE, ShardedSaver
 from distrain.ckpt.sharded import load as load_sharded
 from distrain.ckpt.state import (
@@ -54,7 +58,7 @@ from distrain.ckpt.state import (
 from distrain.ckpt.store import (
     BackgroundWriter,
     CheckpointError,
-    CheckpointStore,
+    CheckpointPath,
     Staging,
     check_retention,
     read_manifest,
@@ -75,6 +79,8 @@ class Checkpointer:
     most; ``wait()``, the next ``save`` and ``distrain.ddp.cleanup()`` join it and raise its error).
     ``sharded``: write sharded checkpoints (every rank its shard, through DCP); None (default):
     sharded when a saved model is FSDP-wrapped, full (rank 0 writes) otherwise.
+    ``storage_options``: passed to fsspec when ``root`` is a URL (credentials, ``endpoint_url``);
+    by default S3 reads the ``AWS_*`` environment variables.
     """
 
     def __init__(
@@ -85,6 +91,7 @@ class Checkpointer:
         keep_every: int | None = None,
         async_save: bool = False,
         sharded: bool | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         check_retention(keep_last, keep_every)
         if sharded is not None and not isinstance(sharded, bool):
@@ -92,13 +99,13 @@ class Checkpointer:
                               "e.g. sharded=None")
         self.sharded = sharded
         self._sharded = ShardedSaver()
-        self.store = CheckpointStore(root)
+        self.store = open_store(root, storage_options)
         self.ctx = ctx
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.async_save = bool(async_save)
         self.values: dict[str, Any] = {}  # the JSON values of the checkpoint last loaded
-        self.path: Path | None = None  # the checkpoint directory last loaded (or saved, sync)
+        self.path: CheckpointPath | None = None  # the checkpoint last loaded (or saved, sync)
         self._writer = BackgroundWriter()
         # Async: the CPU copies of the last save, reused by the next one once its write is done
         # (save() waits for it first), so the pause is a copy into warm pages.
@@ -112,7 +119,7 @@ class Checkpointer:
         on_cleanup(self._sharded.wait)  # also when this Checkpointer is gone before its write
 
     @property
-    def root(self) -> Path:
+    def root(self) -> CheckpointPath:
         return self.store.root
 
     # -- saving --------------------------------------------------------------------------
@@ -208,8 +215,9 @@ class Checkpointer:
         return functools.partial(self._write, step, states, values, rng, meta)
 
     def _write(self, step: int, states: dict[str, Any], values: dict[str, Any],
-               rng: dict[str, Any], meta: dict[str, Any], *, staging: Staging | None = None,
-               before: Callable[[Staging], None] | None = None) -> None:
+               rng: dict[str, Any], meta: dict[str, Any], *,
+               staging: Staging | ObjectStaging | None = None,
+               before: Callable[[Any], None] | None = None) -> None:
         """Write the files, commit, point ``latest`` at it, apply retention. The sharded path
         passes the ``staging`` its ranks wrote into and ``before``, which records their files."""
         if staging is None:
@@ -230,9 +238,14 @@ class Checkpointer:
         except BaseException:
             staging.abort()
             raise
-        self.store.set_latest(path)
-        self.store.apply_retention(keep_last=self.keep_last, keep_every=self.keep_every,
-                                   protect={step})
+        try:
+            self.store.set_latest(path)  # type: ignore[arg-type]  # the store's own kind of path
+            self.store.apply_retention(keep_last=self.keep_last, keep_every=self.keep_every,
+                                       protect={step})
+        except OSError as error:  # committed: load_latest finds it by its manifest
+            raise CheckpointError(
+                f"checkpoint step {step} was committed to {path}, but updating {error.filename} "
+                f"afterwards failed: {error.strerror or error}; the checkpoint is loadable") from error
         if not self.async_save:
             self.path = path
 
@@ -297,9 +310,10 @@ class Checkpointer:
             raise CheckpointError(error)
         if choice is None:
             return None
-        return self._load(Path(choice), objects, kinds)
+        path = ObjectPath(self.store.remote, choice) if isinstance(self.store, ObjectStore) else Path(choice)
+        return self._load(path, objects, kinds)
 
-    def _load(self, path: Path, objects: dict[str, Any], kinds: dict[str, str]) -> int:
+    def _load(self, path: CheckpointPath, objects: dict[str, Any], kinds: dict[str, str]) -> int:
         manifest = read_manifest(path)
         if not self.ctx.is_main:  # rank 0 checked every hash; the others check sizes
             checked = verify(path, hashes=False)

@@ -31,9 +31,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from distrain.ckpt.objstore import ObjectStore, open_store
 from distrain.ckpt.store import (
     MANIFEST,
     CheckpointError,
+    CheckpointPath,
     CheckpointStore,
     Verification,
     read_manifest,
@@ -59,23 +61,30 @@ def _size(num_bytes: float) -> str:
     return f"{num_bytes:.1f} GB"
 
 
-def _is_checkpoint(path: Path) -> bool:
+def _is_checkpoint(path: CheckpointPath) -> bool:
     return (path / MANIFEST).is_file()
 
 
-def _existing_dir(text: str) -> Path:
-    path = Path(text)
+def _store(path: CheckpointPath) -> CheckpointStore | ObjectStore:
+    """The store of root ``path`` (a directory, or a URL read with the AWS_* settings)."""
+    return open_store(str(path)) if not isinstance(path, Path) else CheckpointStore(path)
+
+
+def _existing_dir(text: str) -> CheckpointPath:
+    """``text`` (a path or a URL such as s3://bucket/run) if something is there."""
+    path = open_store(text).root
     if not path.exists():
-        raise UsageError(f"{text}: no such file or directory")
+        what = "file or directory" if isinstance(path, Path) else "object or prefix"
+        raise UsageError(f"{text}: no such {what}")
     return path
 
 
-def _resolve(text: str) -> Path:
+def _resolve(text: str) -> CheckpointPath:
     """A checkpoint directory, or the newest valid one under a root."""
     path = _existing_dir(text)
     if _is_checkpoint(path):
         return path
-    store = CheckpointStore(path)
+    store = _store(path)
     if not path.is_dir() or not store.checkpoints():
         raise UsageError(f"{text}: expected a checkpoint directory (with {MANIFEST}) or a root "
                          "holding step-* checkpoints")
@@ -99,7 +108,7 @@ def _ls_args(parser: argparse.ArgumentParser) -> None:
 
 def _ls(args: argparse.Namespace) -> int:
     root = _existing_dir(args.dir)
-    store = CheckpointStore(root)
+    store = _store(root)
     found = store.checkpoints()
     if not found:
         print(f"no checkpoints under {root}")
@@ -241,7 +250,7 @@ def _verify(args: argparse.Namespace) -> int:
     if _is_checkpoint(path):
         results = [verify(path)]
     else:
-        found = CheckpointStore(path).checkpoints() if path.is_dir() else []
+        found: list[tuple[int, Any]] = _store(path).checkpoints() if path.is_dir() else []
         if not found:
             raise UsageError(f"{args.path}: expected a checkpoint directory (with {MANIFEST}) "
                              "or a root holding step-* checkpoints")

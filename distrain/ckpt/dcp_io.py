@@ -39,8 +39,9 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import ReadItem
 
+from distrain.ckpt.remote import ObjectPath
 from distrain.ckpt.sharded import METADATA_FILE, SHARD_SUFFIX
-from distrain.ckpt.store import CheckpointError, UnsafeCheckpointError
+from distrain.ckpt.store import CheckpointError, CheckpointPath, UnsafeCheckpointError
 
 _DCP_META = "torch.distributed.checkpoint.metadata"
 _ALLOWED_GLOBALS = {
@@ -70,10 +71,14 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise _ForbiddenGlobal(f"global {module}.{name} is not allowed in DCP metadata")
 
 
-def read_metadata(path: Path, shard_files: Iterable[str]) -> Metadata:
+def _as_path(path: CheckpointPath | str) -> CheckpointPath:
+    return path if isinstance(path, ObjectPath) else Path(path)
+
+
+def read_metadata(path: CheckpointPath | str, shard_files: Iterable[str]) -> Metadata:
     """The ``.metadata`` of checkpoint ``path``, unpickled safely and checked against
     ``shard_files`` (the ``.distcp`` names the manifest lists)."""
-    target = Path(path) / METADATA_FILE
+    target = _as_path(path) / METADATA_FILE
     try:
         data = target.read_bytes()
     except OSError as error:
@@ -91,7 +96,7 @@ def read_metadata(path: Path, shard_files: Iterable[str]) -> Metadata:
     return metadata
 
 
-def _check_metadata(target: Path, metadata: Any, shards: set[str]) -> None:
+def _check_metadata(target: CheckpointPath, metadata: Any, shards: set[str]) -> None:
     if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
         raise CheckpointError(f"{target}: not DCP metadata ({type(metadata).__name__})")
     for key, entry in metadata.state_dict_metadata.items():
@@ -123,8 +128,13 @@ class VerifiedReader(FileSystemReader):
     ``read_metadata`` takes no ``rank`` argument, so DCP never falls back to per-rank metadata.
     """
 
-    def __init__(self, path: Path, metadata: Metadata) -> None:
-        super().__init__(path)
+    def __init__(self, path: CheckpointPath, metadata: Metadata) -> None:
+        super().__init__(str(path) if isinstance(path, ObjectPath) else path)
+        if isinstance(path, ObjectPath):  # shards read whole from the store, in parallel parts
+            from distrain.ckpt.dcp_remote import reader_filesystem
+
+            self.fs = reader_filesystem(path)  # type: ignore[assignment]  # DCP's own base type
+            self.path = path.url
         self._checked = metadata
 
     def read_metadata(self) -> Metadata:  # type: ignore[override]
@@ -155,7 +165,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[fqn] = obj
 
 
-def dcp_load(state: dict[str, Any], path: Path, metadata: Metadata, *, no_dist: bool = False) -> None:
+def dcp_load(state: dict[str, Any], path: CheckpointPath, metadata: Metadata, *,
+             no_dist: bool = False) -> None:
     """``torch.distributed.checkpoint.load`` through the safe reader and planner; DCP's
     per-rank exception bundle becomes one :class:`CheckpointError` (unsafe content re-raised)."""
     import torch.distributed.checkpoint as dcp
@@ -195,7 +206,7 @@ def shard_names(manifest: Mapping[str, Any]) -> list[str]:
     return sorted(name for name in manifest.get("files", {}) if name.endswith(SHARD_SUFFIX))
 
 
-def read_object(path: Path, manifest: Mapping[str, Any], name: str) -> dict[str, Any]:
+def read_object(path: CheckpointPath, manifest: Mapping[str, Any], name: str) -> dict[str, Any]:
     """:func:`read_full` of object ``name`` of checkpoint ``path`` (metadata read safely first)."""
     return read_full(path, read_metadata(path, shard_names(manifest)), name)
 
@@ -206,7 +217,7 @@ def object_paths(metadata: Metadata) -> dict[str, tuple[Any, ...]]:
     return {key: tuple(data.get(key, (key,))) for key in metadata.state_dict_metadata}
 
 
-def read_full(path: Path, metadata: Metadata, name: str) -> dict[str, Any]:
+def read_full(path: CheckpointPath, metadata: Metadata, name: str) -> dict[str, Any]:
     """The whole (unsharded) state saved under object ``name``, read with no process group.
 
     A module comes back as its flat ``state_dict`` (``{"fc.weight": tensor}``); other states

@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any, cast
 import torch.distributed as dist
 
 from distrain.ckpt.convert import Pairing, original_class, pair
-from distrain.ckpt.store import CheckpointError, Staging
+from distrain.ckpt.objstore import ObjectStaging, ObjectStore
+from distrain.ckpt.remote import ObjectPath
+from distrain.ckpt.store import CheckpointError, CheckpointStore, Staging
 
 if TYPE_CHECKING:
     from distrain.ckpt.checkpointer import Checkpointer
@@ -72,7 +74,6 @@ class ShardedSaver:
 
     def save(self, ckpt: Checkpointer, step: int, objects: dict[str, Any], kinds: dict[str, str]) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemWriter
         from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
@@ -87,7 +88,7 @@ class ShardedSaver:
                 finish()
             except CheckpointError as failed:
                 error = error or failed
-        staging: Staging | None = None
+        staging: Staging | ObjectStaging | None = None
         if ctx.is_main and error is None:
             try:
                 staging = ckpt.store.stage(step)
@@ -107,7 +108,7 @@ class ShardedSaver:
                 error = failed
         _agree(ctx, error, step, staging)
         state = dcp_states(pairing)
-        writer = FileSystemWriter(where)
+        writer = _writer(ckpt.store, where)
         if ckpt.async_save:  # the CPU copy happens in async_save; the write on DCP's thread
             with single_process_quietly():
                 started = dcp.async_save(state, storage_writer=writer, process_group=self._async_group(ctx),
@@ -158,10 +159,27 @@ def _result(future: Future[Any]) -> Any:
         raise dcp_failure(failed, "background sharded checkpoint write failed") from None
 
 
-def _collect(future: Future[Any] | None, staging: Staging) -> None:
+def _writer(store: CheckpointStore | ObjectStore, where: str) -> Any:
+    """DCP's writer into staging directory ``where``: a file per rank on disk, or an object
+    per rank in the store (:mod:`distrain.ckpt.dcp_remote`)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    if isinstance(store, ObjectStore):
+        from distrain.ckpt.dcp_remote import ObjectWriter
+
+        return ObjectWriter(where, store.remote)
+    return FileSystemWriter(where)
+
+
+def _collect(future: Future[Any] | None, staging: Staging | ObjectStaging) -> None:
     """Once DCP has finished: record every file the ranks wrote into the staging directory."""
     if future is not None:
         _result(future)
+    if isinstance(staging, ObjectStaging):
+        staging.add_written()
+        if METADATA_FILE not in staging.files:
+            raise CheckpointError(f"{staging.path}: DCP wrote no {METADATA_FILE}")
+        return
     for entry in sorted(staging.path.iterdir()):
         if entry.is_file() and entry.name not in staging.files:
             staging.add_existing(entry.name)
@@ -169,7 +187,8 @@ def _collect(future: Future[Any] | None, staging: Staging) -> None:
         raise CheckpointError(f"{staging.path}: DCP wrote no {METADATA_FILE}")
 
 
-def _agree(ctx: Context, error: BaseException | None, step: int, staging: Staging | None) -> None:
+def _agree(ctx: Context, error: BaseException | None, step: int,
+           staging: Staging | ObjectStaging | None) -> None:
     """Every rank learns whether any rank failed; the failing rank raises its own error."""
     messages: list[Any] = [None if error is None else f"{error}"]
     if ctx.distributed:
@@ -186,7 +205,7 @@ def _agree(ctx: Context, error: BaseException | None, step: int, staging: Stagin
     raise CheckpointError(f"rank {rank} could not save checkpoint step {step}: {text}")
 
 
-def load(ctx: Context, path: Path, manifest: Mapping[str, Any], objects: Mapping[str, Any],
+def load(ctx: Context, path: Path | ObjectPath, manifest: Mapping[str, Any], objects: Mapping[str, Any],
          kinds: Mapping[str, str], names: set[str]) -> None:
     """Read objects ``names`` (models, optimizers) from the DCP shards of ``path`` into place,
     resharded to this run's world. Every rank calls it."""

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distrain.ckpt.store import CheckpointError, UnsafeCheckpointError
+from distrain.ckpt.store import CheckpointError, CheckpointPath, UnsafeCheckpointError
 from distrain.errors import ConfigError
 from distrain.wrapping import unwrap
 
@@ -117,10 +117,12 @@ def _staged_copy(tensor: torch.Tensor, where: str, staging: dict[str, torch.Tens
     return buffer.copy_(tensor)
 
 
-def safe_load(path: Path, *, map_location: torch.device | str) -> Any:
-    """``torch.load(weights_only=True)``; a pickle that would import or call code is refused."""
+def safe_load(path: CheckpointPath, *, map_location: torch.device | str) -> Any:
+    """``torch.load(weights_only=True)``; a pickle that would import or call code is refused.
+    An object-store path is read whole into memory first (``torch.load`` seeks)."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        source = path if isinstance(path, Path) else path.open("rb")
+        return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         lines = [line.strip() for line in str(error).splitlines()]
         detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0])

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from distrain.ckpt.remote import ObjectPath
 from distrain.errors import ConfigError
 
 FORMAT = "distrain-checkpoint"
@@ -78,9 +79,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
+# A checkpoint directory: on disk, or under an object-store URL (read alike).
+CheckpointPath = Path | ObjectPath
+
+
+def new_digest() -> Any:
+    """The hash object behind every file digest in a manifest (``update``, ``hexdigest``)."""
+    return hashlib.sha256()
+
+
+def sha256_file(path: CheckpointPath) -> str:
+    digest = new_digest()
+    with path.open("rb") as file:
         while chunk := file.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -137,7 +147,7 @@ class _HashingWriter:
     def __init__(self, file: IO[bytes], hasher: ThreadPoolExecutor | None = None) -> None:
         self._file = file
         self._hasher = hasher
-        self.digest = hashlib.sha256()
+        self.digest = new_digest()
         self.size = 0
         self.error: OSError | None = None  # torch.save turns a failed write into a vague error
 
@@ -218,13 +228,7 @@ class Staging:
 
     def commit(self, meta: dict[str, Any]) -> Path:
         """Write the manifest, fsync, rename into place. Returns the published directory."""
-        kind = meta.get("kind")
-        if kind not in KINDS:
-            raise ValueError(f"checkpoint kind {kind!r} is not one of {KINDS}")
-        manifest = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "step": self.step,
-                    "files": dict(sorted(self.files.items()))}
-        manifest["manifest_sha256"] = manifest_digest(manifest)
-        data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        data = build_manifest(meta, self.step, self.files)
         with open(self.path / MANIFEST, "xb") as file:
             file.write(data)
             file.flush()
@@ -239,6 +243,17 @@ class Staging:
 
     def abort(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def build_manifest(meta: dict[str, Any], step: int, files: dict[str, dict[str, Any]]) -> bytes:
+    """The manifest of checkpoint ``step`` (its own digest included), as written."""
+    kind = meta.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"checkpoint kind {kind!r} is not one of {KINDS}")
+    manifest = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "step": step,
+                "files": dict(sorted(files.items()))}
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    return json.dumps(manifest, indent=1, sort_keys=True).encode()
 
 
 def _write_bytes(file: IO[bytes], data: bytes) -> None:
@@ -256,7 +271,7 @@ def _discard(path: Path) -> None:
 class Verification:
     """The outcome of checking one checkpoint directory against its manifest."""
 
-    path: Path
+    path: CheckpointPath
     problems: tuple[str, ...]
     manifest: dict[str, Any] | None
 
@@ -265,9 +280,13 @@ class Verification:
         return not self.problems
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
+def _as_path(path: CheckpointPath | str | os.PathLike[str]) -> CheckpointPath:
+    return path if isinstance(path, (Path, ObjectPath)) else Path(path)
+
+
+def read_manifest(path: CheckpointPath | str) -> dict[str, Any]:
     """The manifest of checkpoint directory ``path``, its self-digest checked."""
-    file = Path(path) / MANIFEST
+    file = _as_path(path) / MANIFEST
     try:
         manifest = json.loads(file.read_bytes())
     except FileNotFoundError:
@@ -285,9 +304,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify(path: Path, *, hashes: bool = True) -> Verification:
+def verify(path: CheckpointPath | str, *, hashes: bool = True) -> Verification:
     """Check every file against the manifest (size, and sha256 unless ``hashes=False``)."""
-    path = Path(path)
+    path = _as_path(path)
     try:
         manifest = read_manifest(path)
     except CheckpointError as error:
@@ -297,10 +316,16 @@ def verify(path: Path, *, hashes: bool = True) -> Verification:
         target = path / name
         if not _safe_relative(name):
             problems.append(f"{name}: not a file name inside the checkpoint")
-        elif not target.is_file():
+            continue
+        try:
+            size = target.stat().st_size
+        except FileNotFoundError:
             problems.append(f"{name}: missing")
-        elif target.stat().st_size != record.get("size"):
-            problems.append(f"{name}: size {target.stat().st_size} != {record.get('size')} in the manifest")
+            continue
+        if isinstance(target, Path) and not target.is_file():
+            problems.append(f"{name}: missing")
+        elif size != record.get("size"):
+            problems.append(f"{name}: size {size} != {record.get('size')} in the manifest")
         elif hashes and sha256_file(target) != record.get("sha256"):
             problems.append(f"{name}: sha256 mismatch (the file is corrupt)")
     return Verification(path=path, problems=tuple(problems), manifest=manifest)

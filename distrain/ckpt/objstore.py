@@ -1,0 +1,242 @@
+"""Checkpoints under an object-store URL: the store protocol of :mod:`distrain.ckpt.store`
+without rename or fsync, which object stores do not have.
+
+Layout (the same names as on disk)::
+
+    s3://bucket/run/
+      latest                  # the name of the newest committed checkpoint (one small object)
+      step-00001200/
+        manifest.json         # written LAST: a step directory without it is not a checkpoint
+        model.pt ...
+
+The commit: every data object is uploaded whole (a PUT, or a multipart upload that becomes
+visible only when complete), then the manifest with the size and digest of each, then
+``latest``. A reader trusts a step directory only when its manifest exists and every object
+matches it (:func:`distrain.ckpt.store.verify`), so a save killed or cut off at any point leaves
+at worst objects that nothing reads; the next writer removes them. Saving a step that already
+exists first deletes its manifest (it stops being a checkpoint), then rewrites it. Retention
+deletes a checkpoint's manifest first, then its objects, and only after the new one is committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any
+
+from distrain.ckpt.remote import ObjectPath, Remote, is_url
+from distrain.ckpt.store import (
+    LATEST,
+    MANIFEST,
+    CheckpointStore,
+    CheckpointWarning,
+    Verification,
+    build_manifest,
+    new_digest,
+    parse_step_dir,
+    select_for_deletion,
+    step_dir_name,
+    verify,
+)
+from distrain.errors import ConfigError
+
+DIGESTS_PREFIX = ".digests-"  # per-writer records of the objects it uploaded (sharded saves)
+
+
+class HashingBuffer:
+    """A write-only, seekable-for-``tell`` file object that keeps the bytes in memory and
+    hashes them as they come; :meth:`upload` sends them as one object (parallel parts)."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self.digest = new_digest()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        self.digest.update(view)
+        self._buffer += view
+        return view.nbytes
+
+    def tell(self) -> int:
+        return len(self._buffer)
+
+    def flush(self) -> None:
+        """Nothing to flush: the object is sent whole by :meth:`upload`."""
+
+    def close(self) -> None:
+        """Nothing to release: the bytes stay until :meth:`upload`."""
+
+    @property
+    def closed(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def record(self) -> dict[str, Any]:
+        return {"sha256": self.digest.hexdigest(), "size": len(self._buffer)}
+
+    def upload(self, target: ObjectPath) -> dict[str, Any]:
+        target.remote.put(target.url, memoryview(self._buffer))
+        return self.record()
+
+
+class ObjectStaging:
+    """A checkpoint being written straight into its step directory; :meth:`commit` writes the
+    manifest that makes it one. The interface of :class:`distrain.ckpt.store.Staging`."""
+
+    def __init__(self, root: ObjectPath, step: int) -> None:
+        self.root = root
+        self.step = step
+        self.path = root / step_dir_name(step)
+        self.path.remote.remove((self.path / MANIFEST).url)  # an older save of this step: void
+        self.path.remote.remove(self.path.url, recursive=True)
+        self.files: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def write_file(self, name: str, write: Callable[[IO[bytes]], None]) -> None:
+        buffer = HashingBuffer()
+        write(buffer)  # type: ignore[arg-type]  # a file object as far as writers care
+        record = buffer.upload(self.path / name)
+        with self._lock:
+            self.files[name] = record
+
+    def write_files(self, writers: dict[str, Callable[[IO[bytes]], None]]) -> None:
+        """:meth:`write_file` for each, side by side; every write ends before an error is raised."""
+        with ThreadPoolExecutor(max(len(writers), 1), thread_name_prefix="distrain-upload") as pool:
+            pending = [pool.submit(self.write_file, name, write) for name, write in writers.items()]
+        for future in pending:
+            future.result()
+
+    def write_json(self, name: str, value: Any) -> None:
+        data = json.dumps(value, indent=1, sort_keys=True).encode()
+        self.write_file(name, functools.partial(_write_bytes, data=data))
+
+    def add_written(self) -> None:
+        """Take in the records that the writers of a sharded save uploaded next to their objects
+        (:data:`DIGESTS_PREFIX`); every object in the directory must have one."""
+
+        names = self.path.remote.names(self.path.url)
+        for name in names:
+            if name.startswith(DIGESTS_PREFIX):
+                records = json.loads((self.path / name).read_bytes())
+                self.files.update({k: v for k, v in records.items() if k not in self.files})
+                self.path.remote.remove((self.path / name).url)
+        unrecorded = [n for n in names if not n.startswith(DIGESTS_PREFIX) and n not in self.files]
+        if unrecorded:
+            raise OSError(f"{self.path}: objects without a digest record: {', '.join(unrecorded)}")
+
+    def commit(self, meta: dict[str, Any]) -> ObjectPath:
+        (self.path / MANIFEST).write_bytes(build_manifest(meta, self.step, self.files))
+        return self.path
+
+    def abort(self) -> None:
+        # An unreachable store: what is left has no manifest and the next writer removes it.
+        with contextlib.suppress(OSError):
+            self.path.remote.remove(self.path.url, recursive=True)
+
+
+def _write_bytes(file: IO[bytes], *, data: bytes) -> None:
+    file.write(data)
+
+
+class ObjectStore:
+    """The checkpoints under one object-store URL: the interface of
+    :class:`distrain.ckpt.store.CheckpointStore`."""
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        remote = Remote(url, storage_options)
+        self.root = ObjectPath(remote, remote.url)
+        self.storage_options = dict(storage_options or {})
+
+    @property
+    def remote(self) -> Remote:
+        return self.root.remote
+
+    def create(self) -> None:
+        """Check the root can be listed and written, or raise a one-line ConfigError."""
+        probe = self.root / f".probe-{os.getpid()}-{threading.get_ident()}"
+        try:
+            self.remote.make_root()
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise ConfigError("checkpoint root", self.root.url, "a writable object-store location",
+                              f"check the bucket, credentials and endpoint "
+                              f"(AWS_ENDPOINT_URL, storage_options=) ({error.strerror or error})") from None
+
+    def stage(self, step: int) -> ObjectStaging:
+        return ObjectStaging(self.root, step)
+
+    def checkpoints(self) -> list[tuple[int, ObjectPath]]:
+        """Step directories holding a manifest, oldest first (not verified)."""
+        found = []
+        for name in self.remote.names(self.root.url):
+            step = parse_step_dir(name)
+            if step is not None and (self.root / name / MANIFEST).is_file():
+                found.append((step, self.root / name))
+        return sorted(found, key=lambda item: item[0])
+
+    def latest_name(self) -> str | None:
+        try:
+            return (self.root / LATEST).read_text().strip() or None
+        except OSError:
+            return None
+
+    def set_latest(self, path: ObjectPath) -> None:
+        (self.root / LATEST).write_bytes((path.name + "\n").encode())
+
+    def remove_stale(self, keep: Iterable[ObjectPath] = ()) -> None:
+        """Delete step directories without a manifest (saves that never committed)."""
+        spared = set(keep)
+        for name in self.remote.names(self.root.url):
+            path = self.root / name
+            if (name.startswith(".probe-") or (parse_step_dir(name) is not None and path not in spared
+                                               and not (path / MANIFEST).is_file())):
+                self.remote.remove(path.url, recursive=True)
+
+    def apply_retention(self, *, keep_last: int | None, keep_every: int | None,
+                        protect: Iterable[int]) -> list[ObjectPath]:
+        by_step = dict(self.checkpoints())
+        doomed = select_for_deletion(by_step, keep_last=keep_last, keep_every=keep_every,
+                                     protect=protect)
+        for step in doomed:
+            self.remote.remove((by_step[step] / MANIFEST).url)  # no longer a checkpoint, then gone
+            self.remote.remove(by_step[step].url, recursive=True)
+        return [by_step[s] for s in doomed]
+
+    def newest_valid(self) -> Verification | None:
+        for _, path in reversed(self.checkpoints()):
+            result = verify(path)
+            if result.ok:
+                return result
+            warnings.warn(f"skipping checkpoint {path}: {'; '.join(result.problems)}",
+                          CheckpointWarning, stacklevel=3)
+        return None
+
+
+def open_store(root: str | os.PathLike[str],
+               storage_options: Mapping[str, Any] | None = None) -> CheckpointStore | ObjectStore:
+    """The store of ``root``: a directory on disk, or an fsspec URL (``file://`` is a directory)."""
+    if is_url(root):
+        text = str(root)
+        if text.startswith("file://"):
+            return CheckpointStore(Path(text[len("file://"):]))
+        return ObjectStore(text, storage_options)
+    return CheckpointStore(root)
+
+
+def checkpoint_path(text: str, storage_options: Mapping[str, Any] | None = None) -> Path | ObjectPath:
+    """A path or URL given by a user (e.g. on the command line) as something to read from."""
+    store = open_store(text, storage_options)
+    return store.root
