@@ -14,7 +14,7 @@
   (outside every host) a host's directory is :attr:`Host.disk`.
 
 Commands run inside a host with :meth:`Host.run` / :meth:`Host.popen` (``nsenter`` into the host's
-namespaces). :meth:`Host.link_down` / :meth:`Host.link_up` partition a host (its processes keep
+namespaces); :meth:`Host.daemon` starts a background server there that is no child of the test. :meth:`Host.link_down` / :meth:`Host.link_up` partition a host (its processes keep
 running, unreachable); :meth:`Host.kill_all` SIGKILLs every process on it; :meth:`Host.limit_bandwidth`
 caps its link with ``tc tbf``. On exit, even after a failure, every process on the hosts is killed
 and every namespace, mount and directory is removed.
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -95,6 +96,23 @@ class Host:
         if check and proc.returncode != 0:
             raise AssertionError(f"{self.name}: {argv} exited {proc.returncode}\n{out}\n{err}")
         return result
+
+    def daemon(self, argv: Sequence[str], env: Mapping[str, str] | None = None, *,
+               cwd: str | Path | None = None, log: str = "daemon.log") -> int:
+        """Start ``argv`` in the background on this host, detached from the test process (not its
+        child: fine in module-scoped fixtures); output to ``log`` in the workdir. Returns its pid;
+        stop it with :meth:`stop_daemon`, :meth:`kill_all`, or leave it to the teardown."""
+        line = " ".join(shlex.quote(a) for a in argv)
+        script = f"{line} </dev/null >>{shlex.quote(str(self.workdir / log))} 2>&1 & echo $!"
+        return int(self.run(["sh", "-c", script], env, cwd=cwd, check=True, timeout=_TIMEOUT).stdout)
+
+    def stop_daemon(self, pid: int, timeout: float = _TIMEOUT) -> None:
+        """SIGKILL a process started with :meth:`daemon` and wait until it is gone."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while pid in self.pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def free_port(self) -> int:
         """A TCP port that was free on this host a moment ago."""

@@ -6,10 +6,11 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 
-from tests.helpers import PYTHON, child_env
+from tests.helpers import PYTHON, REPO, child_env
 from tests.hosts import Host
 
 
@@ -53,7 +54,8 @@ def collect(procs: Sequence[subprocess.Popen[str]], timeout: float) -> list[tupl
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             outputs.append(proc.communicate()[0])
-        raise AssertionError(f"agents ran past {timeout}s:\n" + "\n----\n".join(o[-3000:] for o in outputs)) from None
+        tails = "\n----\n".join(o[-3000:] for o in outputs)
+        raise AssertionError(f"agents ran past {timeout}s:\n{tails}") from None
     return results
 
 
@@ -64,3 +66,29 @@ def stop(procs: Sequence[subprocess.Popen[str]]) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
+
+
+def start_s3(host: Host) -> tuple[int, dict[str, str]]:
+    """moto's S3 server on ``host`` (its own host): its pid and the AWS_* variables for clients."""
+    from tests.s3server import CREDENTIALS
+
+    ready = host.workdir / "s3-ready"
+    port = host.free_port()
+    pid = host.daemon([PYTHON, "-m", "tests.s3server", "--host", "0.0.0.0", "--port", str(port),
+                       "--ready", str(ready)], child_env(), cwd=REPO, log="s3.log")
+    deadline = time.monotonic() + 60
+    while not (host.disk / "s3-ready").exists():
+        if pid not in host.pids() or time.monotonic() > deadline:
+            host.stop_daemon(pid)
+            log = (host.disk / "s3.log").read_text() if (host.disk / "s3.log").exists() else ""
+            raise AssertionError(f"S3 server on {host.name} did not start:\n{log[-3000:]}")
+        time.sleep(0.05)
+    return pid, {**CREDENTIALS, "AWS_ENDPOINT_URL": f"http://{host.name}:{port}"}
+
+
+def make_bucket(host: Host, env: Mapping[str, str], name: str) -> str:
+    """Create bucket ``name`` through the S3 endpoint in ``env``, from ``host``; returns ``s3://name``."""
+    code = ("import boto3, os, sys; boto3.client('s3', endpoint_url=os.environ['AWS_ENDPOINT_URL'])"
+            ".create_bucket(Bucket=sys.argv[1])")
+    host.run([PYTHON, "-c", code, name], child_env(env), check=True, timeout=60)
+    return f"s3://{name}"
