@@ -21,8 +21,8 @@ def hosts() -> Iterator[list[Host]]:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize(("backend", "nhosts", "nproc"),
-                         [("static", 2, 2), ("c10d", 2, 2), ("static", 3, 1), ("c10d", 3, 1)])
+# c10d across 2 hosts (2 ranks each) also runs in every test of test_nodes_elastic.py.
+@pytest.mark.parametrize(("backend", "nhosts", "nproc"), [("static", 2, 2), ("static", 3, 1), ("c10d", 3, 1)])
 def test_ranks_and_all_reduce_across_hosts(hosts: list[Host], backend: str, nhosts: int, nproc: int) -> None:
     used = hosts[:nhosts]
     for host in used:
