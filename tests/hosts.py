@@ -14,8 +14,9 @@
   (outside every host) a host's directory is :attr:`Host.disk`.
 
 Commands run inside a host with :meth:`Host.run` / :meth:`Host.popen` (``nsenter`` into the host's
-namespaces); :meth:`Host.daemon` starts a background server there that is no child of the test. :meth:`Host.link_down` / :meth:`Host.link_up` partition a host (its processes keep
-running, unreachable); :meth:`Host.kill_all` SIGKILLs every process on it; :meth:`Host.limit_bandwidth`
+namespaces); :meth:`Host.daemon` starts a background server there that is no child of the test.
+:meth:`Host.link_down` / :meth:`Host.link_up` partition a host (its processes keep running,
+unreachable); :meth:`Host.kill_all` SIGKILLs every process on it; :meth:`Host.limit_bandwidth`
 caps its link with ``tc tbf``. On exit, even after a failure, every process on the hosts is killed
 and every namespace, mount and directory is removed.
 
@@ -173,6 +174,10 @@ def netns_names() -> list[str]:
 def _check_machine() -> None:
     if os.geteuid() != 0:
         raise HostsUnavailable("separate hosts need root (network, UTS and mount namespaces)")
+    if shutil.which("ip") is None and shutil.which("apt-get") is not None:
+        # A clean CI image as root: install iproute2 (ip, tc) the first time it is needed.
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "iproute2"], capture_output=True, timeout=300)
     missing = [tool for tool in ("ip", "unshare", "nsenter", "mount") if shutil.which(tool) is None]
     if missing:
         raise HostsUnavailable(f"separate hosts need {', '.join(missing)} (iproute2, util-linux)")

@@ -77,12 +77,25 @@ def lost_peer(log_text: str) -> str | None:
         if found is None:
             return None
         address = found.group(1).removeprefix("::ffff:")
+        if _is_own_address(address):
+            return None  # a peer on this machine: its own failure is reported with it
         try:
             name = socket.gethostbyaddr(address)[0]
         except OSError:
             return address
         return f"{name} ({address})" if name != address else address
     return None
+
+
+def _is_own_address(address: str) -> bool:
+    """This machine can bind ``address``: it is one of its own (loopback included)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))
+    except OSError:
+        return False
+    return True
 
 
 def causes_first(failures: Sequence[RankFailure]) -> tuple[RankFailure, ...]:
