@@ -71,6 +71,13 @@ def test_link_down_partitions_and_kill_all_stops_everything(hosts: list[Host]) -
     assert server.pid in killed and hosts[1].pids() == []
 
 
+def test_bandwidth_cap_is_a_token_bucket_on_the_host_link(hosts: list[Host]) -> None:
+    hosts[0].limit_bandwidth("8mbit")
+    shown = subprocess.run(["tc", "-n", hosts[0].netns, "qdisc", "show", "dev", "eth0"],
+                           capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "tbf" in shown and "8Mbit" in shown, shown
+
+
 def test_teardown_removes_namespaces_and_disks() -> None:
     with hosts_or_skip(1) as made:
         host = made[0]
