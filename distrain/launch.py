@@ -106,6 +106,7 @@ class RankFailure:
     teardown_abort: bool = False
     collective_timeout: bool = False  # its output shows a gloo/NCCL collective timeout
     peer_lost: bool = False  # its output shows a peer's connection going away
+    lost_peer: str | None = None  # the host it lost, when the output names it: "host1 (10.0.0.2)"
     raised: bool = False  # it recorded an uncaught exception of its own (then may have been stopped)
 
     def describe(self) -> str:
@@ -127,6 +128,9 @@ class RankFailure:
                 "that was not in it; raise ddp.init(timeout=...) only if ranks are legitimately "
                 "that slow (e.g. rank 0 writing a large checkpoint); see README 'Troubleshooting'."
             )
+        elif self.peer_lost and self.lost_peer:
+            head += (f"\n  It lost its connection to a peer on {self.lost_peer}: that host, or a "
+                     "rank on it, went away first (killed, crashed or unreachable).")
         elif self.peer_lost:
             head += ("\n  It lost its connection to a peer: usually a consequence of another "
                      "rank failing (listed first when distrain saw it fail).")
@@ -159,7 +163,9 @@ class RunResult:
             return f"distrain: stopped by {self.signal}; workers were asked to stop first."
         if not self.failures:
             return f"distrain: all {len(self.return_values)} local ranks finished successfully."
-        lines = [f"distrain: the job failed ({len(self.failures)} rank(s)):"]
+        lost = {f.lost_peer for f in self.failures if f.peer_lost and f.lost_peer}
+        also = f"; lost contact with {', '.join(sorted(lost))}" if lost else ""
+        lines = [f"distrain: the job failed ({len(self.failures)} rank(s){also}):"]
         lines += [f.describe() for f in self.failures]
         return "\n".join(lines)
 

@@ -28,6 +28,10 @@ class ResumableLoader(DataLoader):  # type: ignore[type-arg]
     """A DataLoader whose progress is saved with ``state_dict()`` and restored exactly."""
 
     sampler: ResumableDistributedSampler
+    #: Micro-batches per optimizer step on each rank (``global_batch_size / (batch_size * world)``).
+    accumulation_steps: int = 1
+    #: Samples per optimizer step over all ranks.
+    global_batch_size: int = 0
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler = self.sampler
@@ -81,13 +85,17 @@ def build_loader(
 ) -> ResumableLoader:
     """A resumable, rank-sharded DataLoader.
 
-    ``batch_size`` is per rank; or give ``global_batch_size`` (divided by the world size).
+    ``batch_size`` is per rank (a micro-batch); ``global_batch_size`` is what one optimizer step
+    consumes over all ranks. Given alone, it is divided by the world size; given with
+    ``batch_size``, every rank accumulates ``loader.accumulation_steps = global_batch_size /
+    (batch_size * world_size)`` micro-batches per step (``ddp.accumulate``), so a step takes the
+    same samples, and the same math, whatever the world size (also after an elastic resize).
     ``num_workers`` defaults to 0 on CPU-only hosts with few cores, else 2; worker processes are
     seeded and persistent. Randomness inside the dataset should come from the sample index (or
     the per-worker seed) for bit-exact resume; the shuffle order itself is always exact.
     """
     ctx = resolve(ctx)
-    per_rank = _per_rank_batch(batch_size, global_batch_size, ctx.world_size)
+    per_rank, accumulation = batch_plan(batch_size, global_batch_size, ctx.world_size)
     length = len(dataset) if isinstance(dataset, Sized) else None
     if length is None:
         raise ConfigError("dataset", type(dataset).__name__, "a map-style Dataset with __len__",
@@ -118,23 +126,39 @@ def build_loader(
         extra["worker_init_fn"] = seed_worker
         if prefetch_factor is not None:
             extra["prefetch_factor"] = prefetch_factor
-    return ResumableLoader(
+    if accumulation > 1 and length % (per_rank * accumulation * ctx.world_size) and ctx.is_main:
+        warnings.warn(
+            f"dataset length {length} does not divide by global_batch_size "
+            f"{per_rank * accumulation * ctx.world_size}: the last step of each epoch is smaller",
+            stacklevel=2)
+    loader = ResumableLoader(
         dataset, batch_size=per_rank, sampler=sampler, num_workers=num_workers, pin_memory=pin,
         drop_last=drop_last, collate_fn=collate_fn, generator=generator, **extra,
     )
+    loader.accumulation_steps = accumulation
+    loader.global_batch_size = per_rank * accumulation * ctx.world_size
+    return loader
 
 
-def _per_rank_batch(batch_size: int | None, global_batch_size: int | None, world_size: int) -> int:
-    if (batch_size is None) == (global_batch_size is None):
+def batch_plan(batch_size: int | None, global_batch_size: int | None, world_size: int) -> tuple[int, int]:
+    """(per-rank micro-batch, accumulation steps) so that one step takes ``global_batch_size``."""
+    if batch_size is None and global_batch_size is None:
         raise ConfigError("batch_size/global_batch_size", (batch_size, global_batch_size),
-                          "exactly one of them", "pass batch_size=... (per rank) or global_batch_size=...")
-    if global_batch_size is not None:
-        if global_batch_size < 1 or global_batch_size % world_size:
-            raise ConfigError(
-                "global_batch_size", global_batch_size, f"a positive multiple of the world size {world_size}",
-                f"use e.g. {max(1, global_batch_size // world_size) * world_size}",
-            )
-        return global_batch_size // world_size
-    if batch_size is None or batch_size < 1:
+                          "at least one of them", "pass batch_size=... (per rank) or global_batch_size=...")
+    if batch_size is not None and batch_size < 1:
         raise ConfigError("batch_size", batch_size, "a positive integer", "e.g. batch_size=32")
-    return batch_size
+    if global_batch_size is None:
+        return cast(int, batch_size), 1
+    micro = batch_size or 1
+    if global_batch_size < 1 or global_batch_size % (micro * world_size):
+        per_step = micro * world_size
+        expected = (f"a positive multiple of batch_size x world size = {micro} x {world_size} = {per_step}"
+                    if batch_size else f"a positive multiple of the world size {world_size}")
+        raise ConfigError(
+            "global_batch_size", global_batch_size, expected,
+            f"use e.g. {max(1, round(global_batch_size / per_step)) * per_step}"
+            + (", or a batch_size that divides it" if batch_size else ""),
+        )
+    if batch_size is None:
+        return global_batch_size // world_size, 1
+    return batch_size, global_batch_size // (batch_size * world_size)

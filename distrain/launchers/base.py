@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
+import socket
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -61,6 +62,40 @@ _PEER_LOST = re.compile(
 def is_peer_lost(log_text: str) -> bool:
     """The rank failed because a peer's connection went away (that peer failed first)."""
     return bool(_PEER_LOST.search(log_text))
+
+
+# gloo names the peer of a failed read/write: "Read error [10.0.0.2]:41322: Connection reset ...".
+_PEER_ADDRESS = re.compile(r"\[([0-9A-Fa-f.:]+)\]:\d+")
+
+
+def lost_peer(log_text: str) -> str | None:
+    """``"host1 (10.0.0.2)"``: the host whose connection the rank lost, as this machine names it."""
+    for line in reversed(log_text.splitlines()):
+        if not _PEER_LOST.search(line):
+            continue
+        found = _PEER_ADDRESS.search(line)
+        if found is None:
+            return None
+        address = found.group(1).removeprefix("::ffff:")
+        if _is_own_address(address):
+            return None  # a peer on this machine: its own failure is reported with it
+        try:
+            name = socket.gethostbyaddr(address)[0]
+        except OSError:
+            return address
+        return f"{name} ({address})" if name != address else address
+    return None
+
+
+def _is_own_address(address: str) -> bool:
+    """This machine can bind ``address``: it is one of its own (loopback included)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))
+    except OSError:
+        return False
+    return True
 
 
 def causes_first(failures: Sequence[RankFailure]) -> tuple[RankFailure, ...]:

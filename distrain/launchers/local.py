@@ -33,9 +33,11 @@ from distrain.launchers.base import (
     is_collective_timeout,
     is_peer_lost,
     is_teardown_abort,
+    lost_peer,
     restored_signal_handlers,
     tail_text,
 )
+from distrain.launchers.recovery import c10d_recovery_conf, restart_preload
 
 if TYPE_CHECKING:
     from distrain.launch import LaunchConfig, RankFailure, RunResult
@@ -58,6 +60,8 @@ def rendezvous(config: LaunchConfig) -> tuple[str, str, str, dict[str, Any]]:
         conf["rank"] = config.node_rank
         endpoint = config.rdzv_endpoint or f"{config.master_addr}:{config.master_port}"
         return "static", endpoint, config.rdzv_id, conf
+    if config.rdzv_backend == "c10d":
+        conf = c10d_recovery_conf(conf)
     return config.rdzv_backend, config.rdzv_endpoint, config.rdzv_id, conf
 
 
@@ -151,7 +155,7 @@ class LocalLauncher(Launcher):
             if uses_fast_start(config):
                 # First, before this process imports torch: the server's imports then run
                 # beside ours (two cores busy, not one after the other).
-                start_server(config.preload, str(config.entrypoint), module=config.module,
+                start_server(restart_preload(config), str(config.entrypoint), module=config.module,
                              nproc=config.nproc_per_node)
             try:
                 return self._launch(config)
@@ -322,6 +326,7 @@ def _describe_failure(rank: int, failure: Any, attempt_dir: Path | None) -> Rank
         teardown_abort=is_teardown_abort(failure.exitcode, signal_name, output),
         collective_timeout=is_collective_timeout(output),
         peer_lost=is_peer_lost(output),
+        lost_peer=lost_peer(output),
         raised=raised_on_its_own(failure),
     )
 

@@ -1,0 +1,50 @@
+"""Start-up checks and the lost-host name, without processes (the multi-host runs are in
+test_nodes_elastic.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distrain.launchers.base import lost_peer
+from distrain.launchers.recovery import NODE_LOST_AFTER_S, c10d_recovery_conf
+from distrain.preflight import endpoint_problem, main, store_problem
+from tests.helpers import free_port
+
+
+def test_a_writable_directory_passes_and_leaves_nothing(tmp_path: Path) -> None:
+    assert store_problem(str(tmp_path / "ckpt")) is None
+    assert list((tmp_path / "ckpt").iterdir()) == []
+
+
+def test_an_unwritable_store_is_one_line_with_the_fix(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    problem = store_problem(str(blocker / "ckpt"))
+    assert problem is not None and "\n" not in problem
+    assert problem.startswith(f"cannot write the checkpoint store {blocker / 'ckpt'} (")
+    assert "fix: give this host the store's credentials" in problem
+
+
+def test_an_unreachable_endpoint_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    endpoint = f"127.0.0.1:{free_port()}"
+    problem = endpoint_problem(endpoint, timeout=5)
+    assert problem is not None and f"cannot reach the rendezvous endpoint {endpoint}" in problem
+    assert endpoint_problem("nohostport") == ("rendezvous endpoint 'nohostport' is not HOST:PORT; "
+                                              "fix: e.g. --rdzv-endpoint node0:29400")
+    assert main(["--rdzv-endpoint", endpoint, "--timeout", "5"]) == 2
+    assert "cannot reach the rendezvous endpoint" in capsys.readouterr().err
+
+
+def test_a_peer_on_this_machine_is_not_named_as_a_lost_host() -> None:
+    text = ("RuntimeError: [gloo/transport/tcp/pair.cc:545] Read error [{}]:40102: "
+            "Connection reset by peer. This is typically caused by a remote worker hanging")
+    assert lost_peer("Traceback ...\n" + text.format("127.0.0.1")) is None  # a local rank
+    assert lost_peer("ValueError: bad input") is None
+
+
+def test_recovery_defaults_yield_to_the_user() -> None:
+    assert NODE_LOST_AFTER_S == 6
+    conf = c10d_recovery_conf({"last_call_timeout": "30"})
+    assert conf == {"keep_alive_interval": 2, "keep_alive_max_attempt": 3, "last_call_timeout": "30"}
