@@ -33,6 +33,8 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from distrain import stacks
+
 DEFAULT_PRELOAD = ("torch", "torch.distributed")
 
 
@@ -85,6 +87,7 @@ def run_script(script: str, args: Sequence[str], module: bool) -> None:
     else:
         sys.path[0:1] = [os.path.dirname(os.path.abspath(script))]
     stop_signals = _watch_signals()
+    stacks.install()  # heartbeat and dump handlers before the script's first line
     try:
         if module:
             runpy.run_module(script, run_name="__main__", alter_sys=True)
