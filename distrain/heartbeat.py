@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 WATCH_DIR_ENV = "DISTRAIN_WATCH_DIR"
+PERF_FILE = "perf.json"  # the launcher's straggler figures, read by rank 0's TBLogger
 MAGIC = 0x44544842  # "DTHB"
 # magic, pid, main thread id, restart attempt, rank, phase, steps, events, last event (wall),
 # phase since (wall), last own step time, host name.

@@ -204,9 +204,9 @@ def _flight_record() -> str:
     if dist is None or not dist.is_available() or not dist.is_initialized():
         return "{}"
     try:
-        from torch._C._distributed_c10d import _dump_fr_trace_json
+        import torch._C._distributed_c10d as c10d
 
-        dumped = _dump_fr_trace_json(includeCollectives=True)
+        dumped = c10d._dump_fr_trace_json(includeCollectives=True)  # type: ignore[attr-defined]
         return dumped.decode() if isinstance(dumped, bytes) else str(dumped)
     except Exception as error:  # an older torch or no recorder: the stacks still tell
         return json.dumps({"error": str(error)})

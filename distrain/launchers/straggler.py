@@ -19,9 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from distrain.heartbeat import Beat
-
-PERF_FILE = "perf.json"
+from distrain.heartbeat import PERF_FILE, Beat
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

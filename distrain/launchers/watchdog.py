@@ -38,7 +38,7 @@ def registry_dir() -> Path:
     return Path(tempfile.gettempdir()) / REGISTRY_DIR
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -55,7 +55,7 @@ def current_beats(watch_dir: Path) -> dict[int, Beat]:
         return {}
     attempt = max(beat.attempt for beat in beats.values())
     return {rank: beat for rank, beat in beats.items()
-            if beat.attempt == attempt and _alive(beat.pid)}
+            if beat.attempt == attempt and is_alive(beat.pid)}
 
 
 def write_stack_files(folder: Path, stacks: dict[int, RankStacks]) -> list[str]:
@@ -75,13 +75,17 @@ def write_stack_files(folder: Path, stacks: dict[int, RankStacks]) -> list[str]:
     return written
 
 
-def stacks_text(stacks: dict[int, RankStacks], beats: dict[int, Beat]) -> str:
+def stacks_text(stacks: dict[int, RankStacks], beats: dict[int, Beat], *,
+                native: bool = False) -> str:
+    """Every rank's Python stacks (and native frames with ``native``), rank by rank."""
     lines = []
     for rank, found in stacks.items():
         beat = beats.get(rank)
         state = f", {beat.phase}, {beat.steps} steps" if beat is not None else ""
         lines.append(f"--- rank {rank} (pid {found.pid} on {found.host}{state}) ---")
         lines.append(found.python.rstrip() or "(no answer to the dump signal)")
+        if native and found.native:
+            lines += ["  py-spy dump --native:", found.native.rstrip()]
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@
 --ckpt DIR: checkpoint every step and resume from the latest one.
 --tb DIR: rank 0 logs the loss to TensorBoard every step.
 --ready FILE: rank 0 writes FILE at step --ready-step and the run then waits for FILE.go.
+--pids DIR: each rank writes DIR/pid-RANK-ATTEMPT.
 The lines that block carry a "# HANG:" marker the tests look for.
 """
 
@@ -37,6 +38,7 @@ class Numbers(Dataset[torch.Tensor]):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         if self.blocked and self.at <= 0:
+            print("HANGING NOW", flush=True)
             time.sleep(600)  # HANG: loader
         self.at -= 1
         return torch.full((4,), float(index))
@@ -55,7 +57,11 @@ def main() -> None:
     parser.add_argument("--tb", default=None)
     parser.add_argument("--ready", default=None)
     parser.add_argument("--ready-step", type=int, default=3)
+    parser.add_argument("--pids", default=None)
     args = parser.parse_args()
+    if args.pids:
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        Path(args.pids, f"pid-{os.environ['RANK']}-{restart}").write_text(str(os.getpid()))
 
     ctx = ddp.init(timeout=timedelta(minutes=10))
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -77,6 +83,7 @@ def main() -> None:
         batch = next(batches)
         if ctx.rank == args.hang_rank and step == args.hang_step and attempt == 0 \
                 and not args.loader_hang:
+            print("HANGING NOW", flush=True)
             time.sleep(600)  # HANG: sleep
         if ctx.rank == args.slow_rank and slow_from <= step < slow_to:
             time.sleep(args.slow_s)  # HANG: slow
