@@ -30,9 +30,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from distrain.heartbeat import WATCH_DIR_ENV, BeatWriter, beat_path
+from distrain.heartbeat import COLLECTED, WATCH_DIR_ENV, BeatWriter, beat_path
 
 DUMP_SIGNAL = signal.SIGUSR2
+# How long a rank whose collective timed out waits for the launcher to collect every rank's
+# stacks before it exits (its exit makes the agent stop the others, the stuck one included).
+COLLECTION_WAIT_S = 20.0
 
 
 def stack_path(watch_dir: str | os.PathLike[str], rank: int) -> Path:
@@ -50,10 +53,11 @@ def record_path(watch_dir: str | os.PathLike[str], rank: int) -> Path:
 class _Watched:
     """This worker's heartbeat and dump handlers (one per process)."""
 
-    __slots__ = ("backward_end", "beat", "pid", "rank", "stacks_file", "watch_dir")
+    __slots__ = ("attempt", "backward_end", "beat", "pid", "rank", "stacks_file", "watch_dir")
 
     def __init__(self, watch_dir: str, rank: int, attempt: int) -> None:
         self.watch_dir = watch_dir
+        self.attempt = attempt
         self.rank = rank
         self.pid = os.getpid()
         self.backward_end = 0.0
@@ -120,6 +124,23 @@ def phase(name: str) -> Iterator[None]:
         yield
     finally:
         watched.beat.update(phase="running", now=time.time())
+
+
+def on_error(error: BaseException) -> None:
+    """A rank's uncaught exception. When it is a collective timeout, the rank that never
+    arrived is still alive: hold this rank's exit until the launcher has every rank's stacks."""
+    watched = _current()
+    if watched is None:
+        return
+    from distrain.launchers.base import is_collective_timeout
+
+    if not is_collective_timeout(f"{type(error).__name__}: {error}"):
+        return
+    watched.beat.update(phase="collective timeout", now=time.time())
+    collected = Path(watched.watch_dir) / COLLECTED.format(attempt=watched.attempt)
+    deadline = time.monotonic() + COLLECTION_WAIT_S
+    while not collected.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def watch_model(model: Any) -> None:

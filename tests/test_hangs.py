@@ -238,3 +238,21 @@ def read_beats_of_launch(pid: int) -> bool:
     except (OSError, ValueError):
         return False
     return len(read_beats(entry["watch_dir"])) == 2
+
+
+def test_a_collective_timeout_names_the_rank_that_never_arrived(
+        tmp_path: Path, launches: list[Launch]) -> None:
+    """Hang detection off (0): the group's own 10 s timeout fires on rank 0, the waiting rank."""
+    logs, pids = tmp_path / "logs", tmp_path / "pids"
+    pids.mkdir()
+    launch = start(launches, "--nproc-per-node", "2", "--hang-timeout", "0", "--log-dir", str(logs),
+                   str(SCRIPT), "--hang-rank", "1", "--hang-step", "5", "--collective-timeout", "10",
+                   "--pids", str(pids))
+    assert launch.finish() == 1, launch.text
+    summary = launch.text[launch.text.index("distrain: a collective timed out on rank 0"):]
+    stuck = [line.strip() for line in summary.splitlines() if line.strip().startswith("stuck:")]
+    assert stuck and stuck[0].startswith("stuck: rank 1 ") and \
+        f"hang_train.py:{marked_line('sleep')} in main" in stuck[0], summary
+    assert "distrain: hang:" not in launch.text  # --hang-timeout 0: only the timeout fired
+    assert (logs / "stacks" / "timeout-attempt0" / "rank1.txt").exists()
+    assert_workers_gone(pids)

@@ -103,6 +103,7 @@ class OpenCollective:
 class RecordSummary:
     last_seq: int  # the highest collective sequence number this rank entered
     open: OpenCollective | None  # the collective it is inside now
+    last: OpenCollective | None = None  # the last one it entered, finished or not
 
 
 def summarise_record(record: dict[str, object] | None) -> RecordSummary | None:
@@ -120,10 +121,14 @@ def summarise_record(record: dict[str, object] | None) -> RecordSummary | None:
     opened = max(unfinished, key=lambda e: int(e["collective_seq_id"])) if unfinished else None
     return RecordSummary(
         last_seq=int(last["collective_seq_id"]),
-        open=None if opened is None else OpenCollective(
-            seq=int(opened["collective_seq_id"]),
-            name=str(opened.get("profiling_name", "collective")).split(":")[-1]),
+        last=_collective(last),
+        open=None if opened is None else _collective(opened),
     )
+
+
+def _collective(entry: dict[str, object]) -> OpenCollective:
+    return OpenCollective(seq=int(str(entry["collective_seq_id"])),
+                          name=str(entry.get("profiling_name", "collective")).split(":")[-1])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -171,14 +176,19 @@ def _rank_state(stacks: RankStacks, beat: Beat | None,
     called = frames[:frames.index(at)] if at is not None else frames
     in_library_wait = any(marker in frame.file.replace(os.sep, "/")
                           for frame in called for marker in _WAITING_FILES)
-    if record is not None:
+    timed_out = beat is not None and beat.phase == "collective timeout"
+    collective = record.open if record is not None else None
+    if timed_out:
+        waiting = True  # its wait ended with the timeout; it is on its way out
+        collective = collective or (record.last if record is not None else None)
+    elif record is not None:
         waiting = record.open is not None
     else:
         waiting = in_library_wait or (beat is not None and beat.phase == "collective")
     return RankState(
         rank=stacks.rank, host=stacks.host, pid=stacks.pid,
         phase=beat.phase if beat is not None else "unknown", waiting=waiting,
-        collective=record.open if record is not None else None,
+        collective=collective,
         in_backward=any(f.function == "backward" or "_engine_run_backward" in f.function
                         for f in called),
         at=at,
@@ -211,8 +221,8 @@ def _how(stuck: tuple[RankState, ...], waiting: tuple[RankState, ...],
                     "(torch Flight Recorder).")
     if stuck and waiting:
         return (f"{_names([s.rank for s in stuck])} {'is' if len(stuck) == 1 else 'are'} not "
-                f"inside a collective while {_names([s.rank for s in waiting])} wait in one "
-                "(stacks).")
+                f"inside a collective while {_names([s.rank for s in waiting])} "
+                f"{'waits' if len(waiting) == 1 else 'wait'} in one (stacks).")
     if not stuck and len({c.seq for c in opened}) > 1:
         parts = ", ".join(f"rank {s.rank} #{s.collective.seq} {s.collective.name}"
                           for s in waiting if s.collective)

@@ -88,6 +88,9 @@ def run_function(fn: Callable[..., Any], *args: Any) -> Any:
     stacks.install()
     try:
         return fn(*args)
+    except BaseException as error:
+        stacks.on_error(error)
+        raise
     finally:
         from distrain import ddp
 

@@ -97,6 +97,7 @@ def run_script(script: str, args: Sequence[str], module: bool) -> None:
         _finish()
         raise SystemExit(_exit_code(exit_request.code)) from None
     except BaseException as error:
+        stacks.on_error(error)  # a collective timeout: the launcher names who never arrived
         _print_traceback(error)
         _finish()
         raise

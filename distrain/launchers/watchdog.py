@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from distrain.heartbeat import WATCH_DIR_ENV, Beat, read_beats
+from distrain.heartbeat import COLLECTED, WATCH_DIR_ENV, Beat, read_beats
 from distrain.launchers.hang_report import Diagnosis, diagnose
 from distrain.launchers.stack_collect import RankStacks, collect
 from distrain.launchers.straggler import StragglerTracker
@@ -151,6 +151,9 @@ class HangWatch:
                 last_progress = time.monotonic()
             seen = events
             self.stragglers.observe(beats)
+            if attempt not in fired and any(b.phase == "collective timeout" for b in beats.values()):
+                fired.add(attempt)
+                self._on_collective_timeout(beats, attempt)
             armed = any(count > 0 for count in events.values())
             stalled = time.monotonic() - last_progress
             if self.hang_timeout > 0 and armed and attempt not in fired \
@@ -167,12 +170,26 @@ class HangWatch:
         print(f"distrain: stacks of every rank (the run goes on; files in {folder}):\n"
               f"{stacks_text(stacks, beats)}", file=sys.stderr, flush=True)
 
-    def _on_hang(self, beats: dict[int, Beat], attempt: int, stalled: float) -> None:
+    def _collect_and_diagnose(self, beats: dict[int, Beat], attempt: int,
+                              kind: str) -> tuple[Diagnosis, Path, list[str]]:
         stacks = collect(self.watch_dir, beats)
-        found = diagnose(stacks, beats)
-        folder = self.report_root / f"hang-attempt{attempt}"
+        (self.watch_dir / COLLECTED.format(attempt=attempt)).touch()
+        folder = self.report_root / f"{kind}-attempt{attempt}"
         files = write_stack_files(folder, stacks)
         self.keep_watch_dir = True
+        return diagnose(stacks, beats), folder, files
+
+    def _on_collective_timeout(self, beats: dict[int, Beat], attempt: int) -> None:
+        found, folder, files = self._collect_and_diagnose(beats, attempt, "timeout")
+        timed_out = sorted(r for r, b in beats.items() if b.phase == "collective timeout")
+        head = (f"distrain: a collective timed out on {'rank' if len(timed_out) == 1 else 'ranks'}"
+                f" {', '.join(map(str, timed_out))}; the stuck rank(s) first:")
+        self.diagnosis = "\n".join([head, *found.lines(), files_line(folder, files)])
+        if attempt < self.max_restarts:
+            print(self.diagnosis, file=sys.stderr, flush=True)
+
+    def _on_hang(self, beats: dict[int, Beat], attempt: int, stalled: float) -> None:
+        found, folder, files = self._collect_and_diagnose(beats, attempt, "hang")
         self.diagnosis = hang_summary(found, stalled=stalled, timeout=self.hang_timeout,
                                       folder=folder, files=files)
         for beat in beats.values():
@@ -212,8 +229,12 @@ def hang_summary(found: Diagnosis, *, stalled: float, timeout: float, folder: Pa
     lines = [f"distrain: hang: no rank made progress for {stalled:.0f} s "
              f"(--hang-timeout {timeout:g}); the stuck rank(s) first:"]
     lines += found.lines()
-    lines.append(f"  full stacks, one file per rank: {folder}/ ({', '.join(Path(f).name for f in files)})")
+    lines.append(files_line(folder, files))
     return "\n".join(lines)
+
+
+def files_line(folder: Path, files: list[str]) -> str:
+    return f"  full stacks, one file per rank: {folder}/ ({', '.join(Path(f).name for f in files)})"
 
 
 @contextlib.contextmanager

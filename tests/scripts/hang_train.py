@@ -58,12 +58,13 @@ def main() -> None:
     parser.add_argument("--ready", default=None)
     parser.add_argument("--ready-step", type=int, default=3)
     parser.add_argument("--pids", default=None)
+    parser.add_argument("--collective-timeout", type=float, default=600.0)
     args = parser.parse_args()
     if args.pids:
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         Path(args.pids, f"pid-{os.environ['RANK']}-{restart}").write_text(str(os.getpid()))
 
-    ctx = ddp.init(timeout=timedelta(minutes=10))
+    ctx = ddp.init(timeout=timedelta(seconds=args.collective_timeout))
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     torch.manual_seed(0)
     model = ddp.wrap(torch.nn.Linear(4, 1), ctx)
