@@ -6,6 +6,7 @@ worker writes its pid so the test can check none is left.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import threading
@@ -16,9 +17,10 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
-from distrain.heartbeat import read_beats
+from distrain.heartbeat import PERF_FILE, Beat, BeatWriter, beat_path, read_beats
 from distrain.launchers.hang_report import diagnose, parse_faulthandler
 from distrain.launchers.stack_collect import RankStacks
+from distrain.launchers.straggler import StragglerTracker
 from tests.helpers import PYTHON, REPO, assert_workers_gone, child_env, distrain, kill_group
 
 SCRIPT = REPO / "tests" / "scripts" / "hang_train.py"
@@ -138,6 +140,38 @@ def test_the_record_names_the_rank_that_never_entered_the_collective() -> None:
     assert [t.ident for t in parse_faulthandler(stuck.python)] == [0xAA]
 
 
+def test_a_heartbeat_reads_back_what_the_worker_stored(tmp_path: Path) -> None:
+    path = beat_path(tmp_path, 3)
+    writer = BeatWriter(path, rank=3, attempt=1, main_thread=77, host="node7")
+    writer.update(phase="backward", step=True, now=5.0, step_time=0.25)
+    beat = read_beats(tmp_path)[3]
+    assert (beat.attempt, beat.main_thread, beat.host, beat.phase) == (1, 77, "node7", "backward")
+    assert (beat.steps, beat.events, beat.last_event, beat.step_time) == (1, 1, 5.0, 0.25)
+
+
+def test_the_straggler_warning_comes_once_per_episode(tmp_path: Path) -> None:
+    warned: list[str] = []
+    tracker = StragglerTracker(tmp_path, window=3, warn=warned.append)
+    done = [0]
+
+    def steps(times: dict[int, float], count: int) -> None:
+        for _ in range(count):
+            done[0] += 1
+            tracker.observe({rank: Beat(pid=1, main_thread=1, attempt=0, rank=rank, phase="running",
+                                        steps=done[0], events=1, last_event=0.0,
+                                        phase_since=0.0, step_time=t, step_started=0.0, host="h")
+                             for rank, t in times.items()})
+
+    steps({0: 0.1, 1: 0.1, 2: 0.1}, 3)
+    steps({0: 0.1, 1: 0.1, 2: 0.4}, 6)
+    assert len(warned) == 1 and warned[0].startswith("distrain: rank 2 on h is a straggler")
+    steps({0: 0.1, 1: 0.1, 2: 0.1}, 3)
+    steps({0: 0.5, 1: 0.1, 2: 0.1}, 3)
+    assert len(warned) == 2 and "rank 0 on h" in warned[1]
+    figures = json.loads((tmp_path / PERF_FILE).read_text())
+    assert figures["slowest_rank"] == 0 and figures["step_time_max_over_median"] == pytest.approx(5)
+
+
 # ---------------------------------------------------------------------------- real launches
 
 
@@ -191,7 +225,7 @@ def test_a_rank_stuck_in_its_dataloader_is_named(tmp_path: Path, launches: list[
 
 def test_a_slow_rank_is_warned_about_once_and_logged(tmp_path: Path, launches: list[Launch]) -> None:
     tb = tmp_path / "tb"
-    launch = start(launches, "--nproc-per-node", "2", str(SCRIPT), "--steps", "40",
+    launch = start(launches, "--nproc-per-node", "2", str(SCRIPT), "--steps", "32",
                    "--slow-rank", "1", "--slow-steps", "5:30", "--slow-s", "0.3", "--tb", str(tb))
     assert launch.finish() == 0, launch.text
     warnings = [line for _, line in launch.lines if "is a straggler" in line]
@@ -229,8 +263,6 @@ def test_sigusr1_and_distrain_stacks_print_every_rank_and_the_run_goes_on(
 
 def read_beats_of_launch(pid: int) -> bool:
     """The launch's ranks have all started beating (from the registry ``distrain stacks`` uses)."""
-    import json
-
     from distrain.launchers.watchdog import registry_dir
 
     try:
