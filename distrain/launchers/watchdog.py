@@ -32,6 +32,9 @@ from distrain.launchers.straggler import StragglerTracker
 POLL_S = 0.5
 REGISTRY_DIR = "distrain-launches"
 FLIGHT_RECORDER_ENTRIES = "2000"
+FLIGHT_RECORDER_ENV = "TORCH_FR_BUFFER_SIZE"
+# The variables the watch adds to the workers' environment (beyond torchrun's).
+WATCH_ENV_KEYS = frozenset({WATCH_DIR_ENV, FLIGHT_RECORDER_ENV})
 
 
 def registry_dir() -> Path:
@@ -110,8 +113,8 @@ class HangWatch:
     def environ(self) -> dict[str, str]:
         """What the workers need: where to beat, and a Flight Recorder for their collectives."""
         changes = {WATCH_DIR_ENV: str(self.watch_dir)}
-        if "TORCH_FR_BUFFER_SIZE" not in os.environ:
-            changes["TORCH_FR_BUFFER_SIZE"] = FLIGHT_RECORDER_ENTRIES
+        if FLIGHT_RECORDER_ENV not in os.environ:
+            changes[FLIGHT_RECORDER_ENV] = FLIGHT_RECORDER_ENTRIES
         return changes
 
     def set_run_id(self, run_id: str) -> None:
