@@ -201,7 +201,8 @@ def test_a_hung_group_restarts_and_completes(tmp_path: Path, launches: list[Laun
     pids = tmp_path / "pids"
     pids.mkdir()
     launch = start(launches, "--nproc-per-node", "2", "--hang-timeout", "10", "--max-restarts", "1",
-                   str(SCRIPT), "--hang-rank", "1", "--hang-step", "5", "--steps", "8",
+                   "--log-dir", str(tmp_path / "logs"), str(SCRIPT), "--hang-rank", "1",
+                   "--hang-step", "5", "--steps", "8",
                    "--ckpt", str(tmp_path / "ckpt"), "--pids", str(pids))
     assert launch.finish() == 0, launch.text
     assert "restarting it (1 of 1)" in launch.text and "stuck: rank 1 " in launch.text
@@ -212,7 +213,8 @@ def test_a_hung_group_restarts_and_completes(tmp_path: Path, launches: list[Laun
 def test_a_rank_stuck_in_its_dataloader_is_named(tmp_path: Path, launches: list[Launch]) -> None:
     pids = tmp_path / "pids"
     pids.mkdir()
-    launch = start(launches, "--nproc-per-node", "4", "--hang-timeout", "10", str(SCRIPT),
+    launch = start(launches, "--nproc-per-node", "4", "--hang-timeout", "10",
+                   "--log-dir", str(tmp_path / "logs"), str(SCRIPT),
                    "--hang-rank", "2", "--hang-step", "3", "--loader-hang", "--pids", str(pids))
     assert launch.finish() == 1, launch.text
     summary = launch.text[launch.text.index("distrain: hang:"):]
@@ -240,8 +242,9 @@ def test_a_slow_rank_is_warned_about_once_and_logged(tmp_path: Path, launches: l
 def test_sigusr1_and_distrain_stacks_print_every_rank_and_the_run_goes_on(
         tmp_path: Path, launches: list[Launch]) -> None:
     ready = tmp_path / "ready"
-    launch = start(launches, "--nproc-per-node", "2", str(SCRIPT), "--steps", "6",
-                   "--ready", str(ready), "--ready-step", "2")
+    logs = tmp_path / "logs"
+    launch = start(launches, "--nproc-per-node", "2", "--log-dir", str(logs), str(SCRIPT),
+                   "--steps", "6", "--ready", str(ready), "--ready-step", "2")
     deadline = time.monotonic() + LAUNCH_BOUND_S
     while not ready.exists():
         assert launch.proc.poll() is None and time.monotonic() < deadline, launch.text
@@ -259,6 +262,7 @@ def test_sigusr1_and_distrain_stacks_print_every_rank_and_the_run_goes_on(
     Path(str(ready) + ".go").write_text("go")
     assert launch.finish() == 0, launch.text
     assert "finished 6 steps" in launch.text
+    assert {p.name for p in (logs / "stacks" / "dump1").glob("rank*.txt")} == {"rank0.txt", "rank1.txt"}
 
 
 def read_beats_of_launch(pid: int) -> bool:
