@@ -147,37 +147,22 @@ def watch_model(model: Any) -> None:
     """Record the forward and backward passes of ``model`` (a wrapped ``nn.Module``).
 
     A step ends when its backward pass has finished, including DDP's wait for the gradient
-    all-reduce; its *own* time runs from the previous step's end to this backward's start, so a
-    slow rank shows as slow, not the ranks that wait for it.
+    all-reduce; its *own* time runs from the previous step's end to this backward's start (the
+    first parameter gradient), so a slow rank shows as slow, not the ranks that wait for it. The
+    hooks are registered once: nothing is added per step but two callbacks.
     """
     if _current() is None:
         return
+    from torch.autograd.graph import register_multi_grad_hook
+
     model.register_forward_pre_hook(_before_forward)
-    model.register_forward_hook(_after_forward)
+    trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if trained:
+        register_multi_grad_hook(trained, _backward_started, mode="any")
 
 
 def _before_forward(module: Any, inputs: Any) -> None:
     progress("forward")
-
-
-def _after_forward(module: Any, inputs: Any, output: Any) -> None:
-    tensor = _first_grad_tensor(output)
-    if tensor is not None:
-        tensor.register_hook(_backward_started)
-
-
-def _first_grad_tensor(output: Any) -> Any:
-    import torch
-
-    if isinstance(output, torch.Tensor):
-        return output if output.requires_grad else None
-    values = output.values() if isinstance(output, dict) else output
-    if isinstance(values, (list, tuple)) or isinstance(output, dict):
-        for value in values:
-            found = _first_grad_tensor(value)
-            if found is not None:
-                return found
-    return None
 
 
 def _backward_started(grad: Any) -> None:
