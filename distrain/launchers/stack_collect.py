@@ -24,7 +24,7 @@ from distrain.heartbeat import Beat
 from distrain.stacks import DUMP_SIGNAL, record_path, request_path, stack_path
 
 DUMP_WAIT_S = 3.0  # for a rank's dump handlers; a dump takes milliseconds when they can run
-PY_SPY_TIMEOUT_S = 10.0
+PY_SPY_TIMEOUT_S = 6.0
 _SETTLED_S = 0.2  # the stack file stopped growing for this long: the dump is complete
 
 
