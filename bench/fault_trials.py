@@ -83,9 +83,11 @@ class Trial:
 
 
 def launch_args(ckpt: Path | str, out: Path, *extra: str, max_restarts: int = 2,
-                start_method: str = "forkserver", term_timeout: float = 30.0) -> list[str]:
+                start_method: str = "forkserver", term_timeout: float = 30.0,
+                log_dir: Path | None = None) -> list[str]:
+    logs = ("--log-dir", str(log_dir)) if log_dir is not None else ()
     return distrain_cmd("--nproc-per-node", "2", "--max-restarts", str(max_restarts),
-                        "--start-method", start_method, "--term-timeout", str(term_timeout),
+                        "--start-method", start_method, "--term-timeout", str(term_timeout), *logs,
                         SCRIPT, "--ckpt", str(ckpt), "--out", str(out), "--steps", str(STEPS), *extra)
 
 
@@ -313,7 +315,8 @@ def hang(root: Path, *, timeout: float = 5.0, start_method: str = "forkserver") 
     """Rank 1 blocks before step 10; rank 0's collective must time out and fail the job."""
     out, ckpt = root / "hang", root / "hang-ckpt"
     argv = launch_args(ckpt, out, "--hang-rank", "1", "--hang-at", "10", "--timeout", str(timeout),
-                       max_restarts=0, start_method=start_method, term_timeout=timeout)
+                       max_restarts=0, start_method=start_method, term_timeout=timeout,
+                       log_dir=root / "hang-logs")  # the hang watch's stack files stay under root
     running = Running(argv, log=root / "hang.log")
     try:
         done, left = finish(running, "hang")

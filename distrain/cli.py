@@ -62,6 +62,8 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "env": (_env, "versions, devices and backends of this machine"),
     "ckpt": (_subcommand("distrain.ckpt.cli"), "list, inspect, verify, export checkpoints"),
     "report": (_subcommand("distrain.logging.report"), "draw a run's TensorBoard curves to PNG"),
+    "stacks": (_subcommand("distrain.launchers.stacks_cli"),
+               "print every rank's stack of a running launch (it goes on)"),
 }
 
 

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from distrain import stacks
 from distrain.amp import accumulate, autocast, grad_scaler
 from distrain.context import Context, clear_current, set_current
 from distrain.env import WorkerEnv
@@ -113,6 +114,7 @@ def init(backend: str = "auto", timeout: float | timedelta | None = None) -> Con
     no process group is created.
     """
     worker = WorkerEnv.from_environ()
+    stacks.install()  # hang watch: heartbeat and stack dumps (no-op without distrain launch)
     cuda = torch.cuda.is_available()
     device = resolve_device(worker.local_rank, cuda_device_count=torch.cuda.device_count() if cuda else 0)
     if device.type == "cuda":
@@ -212,7 +214,8 @@ def cleanup(*, synchronize: bool | None = None) -> None:
 
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        with stacks.phase("collective"):
+            dist.barrier()
 
 
 def print0(*args: Any, **kwargs: Any) -> None:
@@ -242,5 +245,6 @@ def _mean(tensor: torch.Tensor) -> torch.Tensor:
     moved = tensor
     if backend == "nccl" and tensor.device.type != "cuda":
         moved = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-    dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+    with stacks.phase("collective"):
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
     return (moved / dist.get_world_size()).to(tensor.device)

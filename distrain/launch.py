@@ -24,6 +24,7 @@ from distrain.launch_values import (
     _cuda_count,
     check_entrypoint,
     parse_endpoint,
+    parse_hang_timeout,
     parse_nnodes,
     parse_nproc_per_node,
     parse_num_workers,
@@ -37,6 +38,7 @@ LAUNCHERS = ("local", "ray")
 RDZV_BACKENDS = ("static", "c10d")
 START_METHODS = ("spawn", "fork", "forkserver")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+DEFAULT_HANG_TIMEOUT = 600.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,6 +88,7 @@ class LaunchConfig:
     local_ranks_filter: frozenset[int] | None = None
     local_addr: str | None = None
     term_timeout: float = 30.0
+    hang_timeout: float = DEFAULT_HANG_TIMEOUT  # seconds without progress; 0: off
     ray: RayOptions = field(default_factory=RayOptions)
 
     @property
@@ -153,6 +156,7 @@ class RunResult:
     signal: str | None = None
     restarts: int = 0
     log_dir: str | None = None
+    diagnosis: str = ""  # what the hang watch found (stuck rank first), when it stopped the run
 
     @property
     def ok(self) -> bool:
@@ -165,7 +169,8 @@ class RunResult:
             return f"distrain: all {len(self.return_values)} local ranks finished successfully."
         lost = {f.lost_peer for f in self.failures if f.peer_lost and f.lost_peer}
         also = f"; lost contact with {', '.join(sorted(lost))}" if lost else ""
-        lines = [f"distrain: the job failed ({len(self.failures)} rank(s){also}):"]
+        lines = [self.diagnosis] if self.diagnosis else []
+        lines += [f"distrain: the job failed ({len(self.failures)} rank(s){also}):"]
         lines += [f.describe() for f in self.failures]
         return "\n".join(lines)
 
@@ -275,6 +280,7 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         local_ranks_filter=parse_ranks_filter(args.local_ranks_filter, nproc),
         local_addr=args.local_addr,
         term_timeout=args.term_timeout,
+        hang_timeout=parse_hang_timeout(args.hang_timeout),
         ray=RayOptions(
             address=args.ray_address,
             cpus_per_worker=args.cpus_per_worker,

@@ -65,6 +65,10 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                        help="seconds between worker health checks (default 0.1)")
     fault.add_argument(*_flag("term_timeout"), type=float, default=30.0,
                        help="grace period after SIGTERM before workers are killed (default 30)")
+    fault.add_argument(*_flag("hang_timeout"), default="600",
+                       help="seconds without progress on any rank before the launcher collects "
+                            "every rank's stack, names the stuck one and stops (then restarts) "
+                            "the group; 0 turns it off (default 600)")
     fault.add_argument(*_flag("start_method"), default=DEFAULT_START_METHOD,
                        help="forkserver: fork script workers from a process that already imported "
                             "torch (fast start); spawn: one fresh interpreter per worker, as torchrun;"

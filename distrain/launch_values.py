@@ -8,6 +8,7 @@ calls them once and builds the :class:`~distrain.launch.LaunchConfig` from their
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 from pathlib import Path
 
@@ -79,6 +80,18 @@ def parse_endpoint(text: str) -> tuple[str, int | None]:
     if not port_text.isdigit() or int(port_text) > 65535:
         raise ConfigError("--rdzv-endpoint", text, "HOST:PORT with a port 0-65535", fix)
     return match.group("host"), int(port_text)
+
+
+def parse_hang_timeout(text: str | float) -> float:
+    """``--hang-timeout SECONDS``: a finite number >= 0 (0 turns hang detection off)."""
+    fix = "e.g. --hang-timeout 600, or --hang-timeout 0 to turn hang detection off"
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ConfigError("--hang-timeout", text, "a number of seconds >= 0", fix) from None
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError("--hang-timeout", text, "a number of seconds >= 0", fix)
+    return value
 
 
 def parse_rdzv_conf(text: str) -> dict[str, str]:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distrain import stacks
 from distrain.context import resolve
 from distrain.errors import ConfigError
 
@@ -82,6 +83,7 @@ def wrap(
 
         sharded = shard_model(model, ctx, **kwargs)
         _live_wrappers.add(sharded)
+        stacks.watch_model(sharded)
         return sharded
     unknown = set(kwargs) - {"find_unused_parameters", "gradient_as_bucket_view", "static_graph",
                              "broadcast_buffers", "bucket_cap_mb", "output_device"}
@@ -98,10 +100,12 @@ def wrap(
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         wrapped: nn.Module = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **kwargs)
         _live_wrappers.add(wrapped)
-        return wrapped
-    if chosen == "dp":
-        return nn.DataParallel(model)
-    return model
+    elif chosen == "dp":
+        wrapped = nn.DataParallel(model)
+    else:
+        wrapped = model
+    stacks.watch_model(wrapped)  # progress for the hang watch and step times for stragglers
+    return wrapped
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from distrain.launchers.watchdog import WATCH_ENV_KEYS
 from tests.helpers import (
     PYTHON,
     REPO,
@@ -62,6 +63,8 @@ def test_environment_matches_real_torchrun(tmp_path: Path) -> None:
     assert sorted(runs["torchrun"]) == sorted(runs["distrain"]) == [0, 1]
     for rank in (0, 1):
         ours, theirs = runs["distrain"][rank], runs["torchrun"][rank]
+        assert set(ours) >= WATCH_ENV_KEYS
+        ours = {key: value for key, value in ours.items() if key not in WATCH_ENV_KEYS}
         assert set(ours) == set(theirs), f"rank {rank}: keys differ: {set(ours) ^ set(theirs)}"
         for key in set(theirs) - VOLATILE:
             assert ours[key] == theirs[key], f"rank {rank} {key}: {ours[key]!r} != {theirs[key]!r}"

@@ -29,6 +29,7 @@ import torch
 
 from distrain.env import CONTRACT_KEYS
 from distrain.launchers.base import restored_signal_handlers
+from distrain.launchers.watchdog import WATCH_ENV_KEYS
 from tests.helpers import PYTHON, REPO, assert_ok, child_env, distrain
 from tests.scripts.ray_harness import (
     Launcher,
@@ -177,7 +178,7 @@ def test_environment_matches_the_local_launcher_key_by_key(parity: dict[str, Any
         ours, theirs = ray_envs[rank], local_envs[rank]
         # Every variable the local launcher adds, and the whole contract, with the same value.
         added = {k for k, v in theirs.items()
-                 if parent.get(k) != v and not k.startswith("__")} - {"_", "SHLVL"}
+                 if parent.get(k) != v and not k.startswith("__")} - {"_", "SHLVL"} - WATCH_ENV_KEYS
         for key in sorted(added | set(CONTRACT_KEYS) | {"CUDA_VISIBLE_DEVICES"}):
             assert (key in ours) == (key in theirs), f"rank {rank}: {key} present in one only"
             if key in theirs and key not in VOLATILE:

@@ -16,12 +16,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from distrain import stacks
 from distrain.context import resolve
 from distrain.data.sampler import ResumableDistributedSampler
 from distrain.errors import ConfigError
 
 if TYPE_CHECKING:
     from distrain.context import Context
+
+
+_END = object()  # the end of the underlying loader's iterator
 
 
 class ResumableLoader(DataLoader):  # type: ignore[type-arg]
@@ -35,7 +39,12 @@ class ResumableLoader(DataLoader):  # type: ignore[type-arg]
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler = self.sampler
-        for batch in super().__iter__():
+        batches = super().__iter__()
+        while True:
+            with stacks.phase("data loading"):  # the hang watch names a rank stuck here
+                batch = next(batches, _END)
+            if batch is _END:
+                return
             sampler.record_consumed(self.batch_size or 1)
             yield batch
 

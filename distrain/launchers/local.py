@@ -41,6 +41,7 @@ from distrain.launchers.recovery import c10d_recovery_conf, restart_preload
 
 if TYPE_CHECKING:
     from distrain.launch import LaunchConfig, RankFailure, RunResult
+    from distrain.launchers.watchdog import HangWatch
 
 RANK_PREFIX = "[rank${rank}]:"
 
@@ -87,8 +88,14 @@ def worker_command(config: LaunchConfig) -> tuple[str | Callable[..., Any], list
 
 def run_function(fn: Callable[..., Any], *args: Any) -> Any:
     """Run a Python-API function in a worker, then leave nothing for finalization to abort on."""
+    from distrain import stacks
+
+    stacks.install()
     try:
         return fn(*args)
+    except BaseException as error:
+        stacks.on_error(error)
+        raise
     finally:
         from distrain import ddp
 
@@ -144,9 +151,13 @@ class LocalLauncher(Launcher):
     def launch(self, config: LaunchConfig) -> RunResult:
         from distrain.launchers.preload import start_server, stop_server
         from distrain.launchers.reaper import workers_never_outlive
+        from distrain.launchers.watchdog import watching
 
         forkserver = config.start_method == "forkserver"
-        with (scoped_environ(launch_environ(config)), restored_signal_handlers(),
+        with (watching(hang_timeout=config.hang_timeout, log_dir=config.log_dir,
+                       max_restarts=config.max_restarts) as watch,
+              scoped_environ({**launch_environ(config), **watch.environ()}),
+              restored_signal_handlers(),
               workers_never_outlive(term_timeout=config.term_timeout) as reaper):
             if forkserver:
                 # multiprocessing keeps one forkserver per process: one left by an earlier launch
@@ -158,14 +169,14 @@ class LocalLauncher(Launcher):
                 start_server(restart_preload(config), str(config.entrypoint), module=config.module,
                              nproc=config.nproc_per_node)
             try:
-                return self._launch(config)
+                return self._launch(config, watch)
             finally:
                 if forkserver:
                     stop_server()  # after any fork in flight; its live children come to us
                 # Workers elastic did not stop: a signal that came while it started them.
                 reaper.stop_leftovers()
 
-    def _launch(self, config: LaunchConfig) -> RunResult:
+    def _launch(self, config: LaunchConfig, watch: HangWatch) -> RunResult:
         from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
         from torch.distributed.elastic.multiprocessing.api import SignalException
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -178,6 +189,7 @@ class LocalLauncher(Launcher):
         log_root = config.log_dir or tempfile.mkdtemp(prefix="distrain-logs-")
         redirects, tee = std_settings(config)
         backend, endpoint, run_id, conf = rendezvous(config)
+        watch.set_run_id(run_id)
         torch_config = TorchLaunchConfig(
             min_nodes=config.min_nodes,
             max_nodes=config.max_nodes,
@@ -218,7 +230,7 @@ class LocalLauncher(Launcher):
             failures = causes_first(primary_failures([
                 _describe_failure(rank, failure, attempt_dir) for rank, failure in by_time
             ]))
-            return RunResult(return_values={}, failures=failures,
+            return RunResult(return_values={}, failures=failures, diagnosis=watch.diagnosis,
                              log_dir=None if own_log_dir else log_root)
         except SignalException as error:
             return RunResult(return_values={}, signal=signal_module.Signals(error.sigval).name,

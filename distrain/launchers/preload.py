@@ -33,6 +33,8 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from distrain import stacks
+
 DEFAULT_PRELOAD = ("torch", "torch.distributed")
 
 
@@ -86,6 +88,7 @@ def run_script(script: str, args: Sequence[str], module: bool) -> None:
     else:
         sys.path[0:1] = [os.path.dirname(os.path.abspath(script))]
     stop_signals = _watch_signals()
+    stacks.install()  # heartbeat and dump handlers before the script's first line
     try:
         if module:
             runpy.run_module(script, run_name="__main__", alter_sys=True)
@@ -95,6 +98,7 @@ def run_script(script: str, args: Sequence[str], module: bool) -> None:
         _finish()
         raise SystemExit(_exit_code(exit_request.code)) from None
     except BaseException as error:
+        stacks.on_error(error)  # a collective timeout: the launcher names who never arrived
         _print_traceback(error)
         _finish()
         raise

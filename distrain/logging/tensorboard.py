@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from distrain.context import resolve
 from distrain.errors import ConfigError
+from distrain.logging.perf import PerfScalars
 from distrain.logging.sink import Sink
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ class TBLogger:
         self.purge_step = purge_step
         self.flush_secs = float(flush_secs)
         self._sink: Sink | None = None
+        self._perf = PerfScalars()  # the launcher's straggler figures, logged beside the user's
         self._finalizer: weakref.finalize[Any, Any] | None = None
         if self.enabled:
             self._open()
@@ -178,6 +180,11 @@ class TBLogger:
             with self._sink.writing() as writer:
                 if writer is not None:
                     writer.add_scalar(tag, to_float(value), int(step))
+                    self._add_perf(writer, step)
+
+    def _add_perf(self, writer: Any, step: int) -> None:
+        for tag, value in self._perf.new().items():
+            writer.add_scalar(tag, value, int(step))
 
     def scalars(self, values: Mapping[str, float | torch.Tensor], step: int) -> None:
         """Several curves at one step: ``{"train/loss": 0.3, "train/lr": 0.1}``."""
@@ -186,6 +193,7 @@ class TBLogger:
                 if writer is not None:
                     for tag, value in values.items():
                         writer.add_scalar(tag, to_float(value), int(step))
+                    self._add_perf(writer, step)
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         """Markdown text (TensorBoard's Text tab), e.g. the resolved config."""
