@@ -87,9 +87,9 @@ def run_script(script: str, args: Sequence[str], module: bool) -> None:
     stop_signals = _watch_signals()
     try:
         if module:
-            runpy.run_module(script, run_name="__main__", alter_sys=True)
+            namespace = runpy.run_module(script, run_name="__main__", alter_sys=True)
         else:
-            runpy.run_path(script, run_name="__main__")
+            namespace = runpy.run_path(script, run_name="__main__")
     except SystemExit as exit_request:
         _finish()
         raise SystemExit(_exit_code(exit_request.code)) from None
@@ -97,7 +97,15 @@ def run_script(script: str, args: Sequence[str], module: bool) -> None:
         _print_traceback(error)
         _finish()
         raise
+    # The script's globals stay reachable until the exit handlers ran, as under ``python script.py``.
+    # Once runpy returns, its namespace is cyclic garbage (functions -> globals), and a live
+    # DataLoader iterator in it (persistent workers, ``next(iter(loader))``) would be collected by
+    # ``ddp.cleanup()``'s gc.collect(): the gc runs the iterator's queues' weakref finalizers first
+    # (they stop the queue feeder threads), then its ``__del__``, whose shutdown message to the
+    # workers is never sent, so it waits 5 s per worker (torch's MP_STATUS_CHECK_INTERVAL) before
+    # killing them. Kept alive, the workers are stopped by multiprocessing's exit handler instead.
     _finish()
+    del namespace
     _leave_if_stopped(stop_signals)
 
 
