@@ -35,6 +35,7 @@ from distrain.launchers.base import (
     restored_signal_handlers,
     tail_text,
 )
+from distrain.launchers.restart_notice import restart_notices
 
 if TYPE_CHECKING:
     from distrain.launch import LaunchConfig, RankFailure, RunResult
@@ -197,8 +198,14 @@ class LocalLauncher(Launcher):
             shutdown_timeout=round(config.term_timeout),
         )
         entrypoint, args = worker_command(config)
+
+        def failed_first(found: dict[int, Any]) -> tuple[RankFailure, ...]:
+            attempt_dir = _attempt_dir(log_root, run_id)
+            by_time = sorted(found.items(), key=lambda item: (_failed_at(item[1]), item[0]))
+            return causes_first(primary_failures([_describe_failure(r, f, attempt_dir) for r, f in by_time]))
+
         try:
-            with quiet_function_failures():
+            with quiet_function_failures(), restart_notices(failed_first):
                 outputs = elastic_launch(torch_config, entrypoint)(*args)
             values = {rank: value for rank, value in (outputs or {}).items()}
             if not values:

@@ -1,0 +1,28 @@
+"""What a new user's script does wrong (or right), by mode (argv[1]); see tests/test_newuser.py."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import nn
+
+from distrain import ddp
+
+mode = sys.argv[1] if len(sys.argv) > 1 else "plain"
+if mode == "dp":  # DataParallel asked for, under any number of ranks
+    ctx = ddp.init()
+    model = ddp.wrap(nn.Linear(4, 2), ctx, strategy="dp")
+    print("wrapped", type(model).__name__, flush=True)
+    ddp.cleanup()
+elif mode == "nogroup":  # trains without ever joining the group
+    print("trained alone", os.environ.get("RANK"), torch.zeros(1).item(), flush=True)
+elif mode == "raise_once":  # rank 1 fails on the first attempt only
+    ctx = ddp.init()
+    if ctx.rank == 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+        raise ConnectionResetError("peer gone")
+    print("attempt", os.environ.get("TORCHELASTIC_RESTART_COUNT"), "rank", ctx.rank, flush=True)
+    ddp.cleanup()
+else:
+    print("plain run, world", os.environ.get("WORLD_SIZE"), "argv", sys.argv[1:], flush=True)

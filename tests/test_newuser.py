@@ -1,0 +1,60 @@
+"""What a new user hit (issue 21), points 2, 3 and the launcher's small ones, with real processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import PYTHON, REPO, assert_ok, distrain, run_cmd
+
+SCRIPT = str(REPO / "tests" / "scripts" / "newuser.py")
+pytestmark = pytest.mark.timeout(200)
+
+
+def test_dataparallel_on_several_ranks_is_an_error_naming_the_fix() -> None:
+    result = distrain("launch", "--nproc-per-node", "2", SCRIPT, "dp", timeout=180)
+    text = result.stdout + result.stderr
+    assert result.returncode != 0, text[-3000:]
+    assert "strategy='dp' is invalid: expected one process per machine for DataParallel (this job has 2)" \
+        in text, text[-3000:]
+
+
+def test_dataparallel_without_gpu_says_so_without_any_logging_setup() -> None:
+    result = run_cmd([PYTHON, SCRIPT, "dp"], timeout=120)
+    assert_ok(result)
+    assert "wrapped Linear" in result.stdout
+    assert "DataParallel asked for but no GPU is visible" in result.stderr, result.stderr[-2000:]
+
+
+def test_ranks_that_never_form_a_group_get_one_warning() -> None:
+    result = distrain("launch", "--nproc-per-node", "2", SCRIPT, "nogroup", timeout=180)
+    assert_ok(result)
+    text = result.stdout + result.stderr
+    assert "trained alone 0" in text and "trained alone 1" in text
+    assert text.count("the 2 ranks never formed a process group") == 1, text[-3000:]
+
+
+def test_launcher_options_after_the_script_are_flagged() -> None:
+    result = distrain("launch", SCRIPT, "plain", "--nproc-per-node", "2", timeout=180)
+    assert_ok(result)
+    assert "plain run, world 1 argv ['plain', '--nproc-per-node', '2']" in result.stdout
+    assert ("distrain launch: warning: --nproc-per-node after " + SCRIPT + " went to the script, not the "
+            "launcher") in result.stderr, result.stderr[-2000:]
+
+
+def test_launcher_option_from_the_environment_is_named_as_such() -> None:
+    result = distrain("launch", SCRIPT, env={"PET_NPROC_PER_NODE": "abc"}, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "distrain launch: error: PET_NPROC_PER_NODE='abc' (read as --nproc-per-node): "), lines
+
+
+def test_each_restart_is_one_line_and_tracebacks_carry_one_rank_prefix() -> None:
+    result = distrain("launch", "--start-method", "spawn", "--max-restarts", "1", "--nproc-per-node", "2",
+                      SCRIPT, "raise_once", timeout=180)
+    assert_ok(result)
+    text = result.stdout + result.stderr
+    assert "distrain: restart 1 of 1: rank 1 exit code 1: ConnectionResetError: peer gone" in text, \
+        text[-3000:]
+    assert "[rank1]:Traceback" in text and "[rank1]:[rank1]:" not in text, text[-3000:]
+    assert "attempt 1 rank 0" in text and "attempt 1 rank 1" in text
