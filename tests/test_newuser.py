@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.helpers import PYTHON, REPO, assert_ok, distrain, run_cmd
@@ -58,3 +60,16 @@ def test_each_restart_is_one_line_and_tracebacks_carry_one_rank_prefix() -> None
         text[-3000:]
     assert "[rank1]:Traceback" in text and "[rank1]:[rank1]:" not in text, text[-3000:]
     assert "attempt 1 rank 0" in text and "attempt 1 rank 1" in text
+
+
+def test_loading_another_models_checkpoint_is_one_line_naming_it(tmp_path: Path) -> None:
+    assert_ok(distrain("launch", "--nproc-per-node", "2", SCRIPT, "save_small", str(tmp_path), timeout=180))
+    result = distrain("launch", "--nproc-per-node", "2", SCRIPT, "load_big", str(tmp_path), timeout=180)
+    assert result.returncode != 0
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if "CheckpointError:" in line]
+    assert lines, (result.stdout + result.stderr)[-3000:]
+    expected = (f"checkpoint {tmp_path / 'step-00000005'}: its model does not fit this model (shape "
+                "2.weight saved [3, 16] here [10, 16]; 2.bias saved [3] here [10]); is it another model's "
+                "checkpoint directory?")
+    assert all(line.endswith(expected) for line in lines), lines
+    assert "Error(s) in loading state_dict" not in result.stdout + result.stderr

@@ -24,5 +24,17 @@ elif mode == "raise_once":  # rank 1 fails on the first attempt only
         raise ConnectionResetError("peer gone")
     print("attempt", os.environ.get("TORCHELASTIC_RESTART_COUNT"), "rank", ctx.rank, flush=True)
     ddp.cleanup()
+elif mode in ("save_small", "load_big"):  # a checkpoint of one model loaded into another
+    from distrain.ckpt import Checkpointer
+
+    ctx = ddp.init()
+    width = 3 if mode == "save_small" else 10
+    model = ddp.wrap(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, width)), ctx)
+    ckpt = Checkpointer(sys.argv[2], ctx)
+    if mode == "save_small":
+        ckpt.save(5, model=model)
+    else:
+        ckpt.load_latest(model=model)
+    ddp.cleanup()
 else:
     print("plain run, world", os.environ.get("WORLD_SIZE"), "argv", sys.argv[1:], flush=True)
