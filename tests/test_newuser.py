@@ -73,3 +73,39 @@ def test_loading_another_models_checkpoint_is_one_line_naming_it(tmp_path: Path)
                 "checkpoint directory?")
     assert all(line.endswith(expected) for line in lines), lines
     assert "Error(s) in loading state_dict" not in result.stdout + result.stderr
+
+
+def test_tutorial_tags_embeddings_images_and_figures_read_back_and_report(tmp_path: Path) -> None:
+    from google.protobuf import text_format
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    for _ in range(2):  # a run, then its resume (a second event file)
+        result = distrain("launch", "--nproc-per-node", "2", SCRIPT, "tutorial_tb", str(tmp_path),
+                          timeout=180)
+        assert_ok(result)
+        assert "writer rank0 SummaryWriter" in result.stdout and "writer rank1 NoneType" in result.stdout
+    tb = tmp_path / "tb"
+    reader = EventAccumulator(str(tb), size_guidance={IMAGES: 0})
+    reader.Reload()
+    assert {"first_image", "inputs", "curve"} <= set(reader.Tags()["images"]), reader.Tags()
+    first = reader.Images("first_image")[-1]
+    assert (first.step, first.width, first.height) == (6, 8, 8)
+    assert reader.Images("inputs")[-1].width > 8  # a grid of the batch
+    assert reader.Images("curve")[-1].width == 200  # the 2-inch figure at 100 dpi
+    config = text_format.Parse((tb / "projector_config.pbtxt").read_text(), ProjectorConfig())
+    embedding = config.embeddings[-1]
+    assert embedding.tensor_name == "default:00006" and embedding.tensor_path == "00006/default/tensors.tsv"
+    assert (tb / embedding.metadata_path).read_text().split() == ["0", "1", "2", "0", "1", "2"]
+    assert list(embedding.sprite.single_image_dim) == [8, 8]
+    assert (tb / embedding.sprite.image_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((tb / embedding.tensor_path).read_text().splitlines()) == 6
+
+    report = distrain("report", str(tmp_path), "--out", str(tmp_path / "r.png"), timeout=60)
+    assert report.returncode == 0, report.stderr
+    assert ("(loss: Loss/train; accuracy: Accuracy/test; throughput: none; restarted or resumed at "
+            "step 4)") in report.stdout, report.stdout
+    assert report.stderr == "", report.stderr  # no reader warnings passed through
+    tagged = distrain("report", str(tmp_path), "--out", str(tmp_path / "t.png"), "--tags", "LOSS*",
+                      timeout=60)
+    assert "(LOSS*: Loss/train; restarted or resumed at step 4)" in tagged.stdout, tagged.stdout

@@ -36,5 +36,33 @@ elif mode in ("save_small", "load_big"):  # a checkpoint of one model loaded int
     else:
         ckpt.load_latest(model=model)
     ddp.cleanup()
+elif mode == "tutorial_tb":  # the tutorials' TensorBoard calls, through TBLogger; resumes
+    import json
+    from pathlib import Path
+
+    from matplotlib.figure import Figure
+
+    from distrain.logging import TBLogger
+
+    ctx = ddp.init()
+    run = Path(sys.argv[2])
+    state = run / "state.json"
+    start = json.loads(state.read_text())["step"] + 1 if state.exists() else 1
+    tb = TBLogger(run / "tb", ctx, purge_step=start if start > 1 else None)
+    print(f"writer rank{ctx.rank} {type(tb.writer).__name__}", flush=True)
+    images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for step in range(start, start + 3):
+        tb.scalar("Loss/train", 1.0 / step, step)
+        tb.scalar("Accuracy/test", 1.0 - 1.0 / (step + 1), step)
+    tb.image("first_image", images[0], step)
+    tb.images("inputs", images, step)
+    figure = Figure(figsize=(2, 2))
+    figure.add_subplot().plot([0, 1], [1, 0])
+    tb.figure("curve", figure, step)
+    tb.embedding(images.view(6, -1), metadata=torch.arange(6) % 3, label_img=images, step=step)
+    tb.close()
+    if ctx.is_main:
+        state.write_text(json.dumps({"step": step}))
+    ddp.cleanup()
 else:
     print("plain run, world", os.environ.get("WORLD_SIZE"), "argv", sys.argv[1:], flush=True)
