@@ -348,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("always")
         try:
             code = handler(args)
+            sys.stdout.flush()  # a closed pipe shows here, not in interpreter shutdown
         except BrokenPipeError:  # the reader left (`| head`): stop quietly, as cat does
             with contextlib.suppress(OSError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
