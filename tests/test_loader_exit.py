@@ -33,7 +33,7 @@ def rank_exit_delays(tmp_path: Path, start_method: str) -> tuple[list[float], fl
     out.mkdir()
     proc = subprocess.Popen(
         [PYTHON, "-m", "distrain", "launch", "--start-method", start_method, "--nproc-per-node", "2",
-         SCRIPT, "2"], env=child_env({"LOADER_EXIT_OUT": str(out)}), cwd=tmp_path,
+         SCRIPT, "1"], env=child_env({"LOADER_EXIT_OUT": str(out)}), cwd=tmp_path,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 150

@@ -200,6 +200,7 @@ class LocalLauncher(Launcher):
         entrypoint, args = worker_command(config)
 
         def failed_first(found: dict[int, Any]) -> tuple[RankFailure, ...]:
+            """Causes first, then the earliest: the rank that failed first is usually the cause."""
             attempt_dir = _attempt_dir(log_root, run_id)
             by_time = sorted(found.items(), key=lambda item: (_failed_at(item[1]), item[0]))
             return causes_first(primary_failures([_describe_failure(r, f, attempt_dir) for r, f in by_time]))
@@ -213,13 +214,8 @@ class LocalLauncher(Launcher):
                 values = dict.fromkeys(range(first, first + config.nproc_per_node))
             return RunResult(return_values=values, log_dir=None if own_log_dir else log_root)
         except ChildFailedError as error:
-            attempt_dir = _attempt_dir(log_root, run_id)
-            found = {**_recorded_elsewhere(error.failures, attempt_dir), **error.failures}
-            # Earliest first: the rank that failed first is usually the cause.
-            by_time = sorted(found.items(), key=lambda item: (_failed_at(item[1]), item[0]))
-            failures = causes_first(primary_failures([
-                _describe_failure(rank, failure, attempt_dir) for rank, failure in by_time
-            ]))
+            found = {**_recorded_elsewhere(error.failures, _attempt_dir(log_root, run_id)), **error.failures}
+            failures = failed_first(found)
             return RunResult(return_values={}, failures=failures,
                              log_dir=None if own_log_dir else log_root)
         except SignalException as error:
