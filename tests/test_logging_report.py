@@ -61,7 +61,9 @@ def test_report_png_and_table_match_the_events(tmp_path: Path) -> None:
         assert cells == [tag, str(events[-1].step), f"{values[-1]:.6g}", f"{min(values):.6g}",
                          f"{max(values):.6g}", str(len(events))]
     assert rows[m.EVAL_ACCURACY][1:3] == ["30", f"{0.5 + 30 / 70.0:.6g}"]
-    assert result.stdout.rstrip().endswith(f"report: {out}")
+    assert result.stdout.rstrip().endswith(
+        f"report: {out} (loss: eval/loss, train/loss; accuracy: eval/accuracy; "
+        "throughput: perf/samples_per_s)")
 
 
 def test_report_defaults_to_run_dir_png_and_labels_several_runs(
