@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: venv test lint demo bench stress clean
+.PHONY: venv test gpu-test lint demo bench stress clean
 
 venv: $(STAMP)
 
@@ -15,8 +15,13 @@ $(STAMP): constraints.txt pyproject.toml
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# GPU tests (tests/gpu, marker gpu) need a CUDA GPU: `make test` deselects them, `make gpu-test` runs
+# only them. On a GPU machine with torch already installed: `make gpu-test PY=python3` (no venv made).
 test: venv
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -m "not gpu"
+
+gpu-test: $(if $(filter command line,$(origin PY)),,venv)
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m pytest -q -p no:cacheprovider -m gpu tests/gpu
 
 lint: venv
 	$(VENV)/bin/ruff check distrain tests examples bench

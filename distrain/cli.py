@@ -9,7 +9,13 @@ import sys
 from collections.abc import Callable, Sequence
 
 from distrain.errors import ConfigError
-from distrain.launch_args import OneLineParser, apply_env_defaults, build_launch_parser
+from distrain.launch_args import (
+    OneLineParser,
+    apply_env_defaults,
+    blame_environment,
+    build_launch_parser,
+    misplaced_launcher_options,
+)
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -25,8 +31,14 @@ def _launch(argv: Sequence[str]) -> int:
     try:
         config = config_from_args(args)
     except ConfigError as error:
-        print(f"distrain launch: error: {error}", file=sys.stderr)
+        message = blame_environment(str(error), error.what, argv, __import__("os").environ)
+        print(f"distrain launch: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    misplaced = misplaced_launcher_options(args.training_script_args)
+    if misplaced:
+        print(f"distrain launch: warning: {' '.join(misplaced)} after {args.training_script} went to the "
+              f"script, not the launcher; put launcher options first: distrain launch {misplaced[0]} ... "
+              f"{args.training_script}", file=sys.stderr, flush=True)
     try:
         result = launch(config)
     finally:

@@ -136,9 +136,33 @@ def init(backend: str = "auto", timeout: float | timedelta | None = None) -> Con
     kwargs["store"] = _attempt_store(worker, collective_timeout)
     if device.type == "cuda" and name == "nccl":
         kwargs["device_id"] = device
+    own_hook = sys.excepthook
     dist.init_process_group(**kwargs)
+    if _launcher_prefixes_lines():
+        sys.excepthook = own_hook  # torch's hook adds "[rankN]: " to lines the launcher prefixes already
+    _groups_formed.add(worker.world_size)
     atexit.register(cleanup)
     return _context(worker, device, name)
+
+
+# World sizes of the groups init() formed in this process (read by the fast start's exit check).
+_groups_formed: set[int] = set()
+
+
+def formed_group() -> bool:
+    """Whether :func:`init` ever formed a process group in this process."""
+    return bool(_groups_formed)
+
+
+def _launcher_prefixes_lines() -> bool:
+    """stderr goes to elastic's per-rank log file (beside the error file), which the launcher
+    echoes with a rank prefix (distrain always, torchrun with --tee/--redirects)."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    try:
+        target = os.readlink("/proc/self/fd/2")
+    except OSError:
+        return False
+    return bool(error_file) and os.path.dirname(target) == os.path.dirname(str(error_file))
 
 
 def _attempt_store(worker: WorkerEnv, timeout: timedelta | None) -> dist.Store:

@@ -140,6 +140,31 @@ def parse_launch_args(argv: Sequence[str], *, environ: Mapping[str, str] | None 
     return parser.parse_args(list(argv))
 
 
+# Launcher options that a training script hardly ever takes itself: after the script, they are
+# almost surely meant for the launcher.
+LAUNCHER_ONLY = ("nnodes", "nproc_per_node", "node_rank", "master_addr", "master_port", "rdzv_backend",
+                 "rdzv_endpoint", "rdzv_id", "rdzv_conf", "standalone", "max_restarts", "start_method",
+                 "launcher", "monitor_interval", "term_timeout")
+
+
+def misplaced_launcher_options(script_args: Sequence[str]) -> list[str]:
+    """Launcher-only options found among the script's arguments (they went to the script)."""
+    flags = {flag for name in LAUNCHER_ONLY for flag in _flag(name)}
+    return [arg.split("=")[0] for arg in script_args if arg.split("=")[0] in flags]
+
+
+def blame_environment(message: str, what: str, argv: Sequence[str], environ: Mapping[str, str]) -> str:
+    """Name ``PET_<NAME>`` in an error about ``--name`` when the value came from the environment."""
+    if not what.startswith("--"):
+        return message
+    dest = what[2:].replace("-", "_")
+    variable = "PET_" + dest.upper()
+    typed = any(arg.split("=")[0] in _flag(dest) for arg in argv)
+    if typed or variable not in environ:
+        return message
+    return f"{variable}={environ[variable]!r} (read as {what}): {message}"
+
+
 def build_launch_parser(prog: str = "distrain launch") -> OneLineParser:
     parser = OneLineParser(
         prog=prog,

@@ -46,6 +46,12 @@ def choose_strategy(
             "strategy", requested, "a process group (a launched job)",
             "start the script with distrain launch / torchrun, or use strategy='auto'",
         )
+    if requested == "dp" and world_size > 1:
+        # Each rank would train its own DataParallel copy with no gradient exchange: wrong, silently.
+        raise ConfigError(
+            "strategy", requested, f"one process per machine for DataParallel (this job has {world_size})",
+            "use strategy='ddp' (or 'auto') with several ranks, or launch --nproc-per-node 1 for 'dp'",
+        )
     if requested == "dp" and visible_gpus < 1:
         return "none", "DataParallel asked for but no GPU is visible: plain module on CPU"
     if requested != "auto":
@@ -77,7 +83,9 @@ def wrap(
         strategy, world_size=ctx.world_size, visible_gpus=visible, has_process_group=ctx.distributed
     )
     if ctx.is_main:
-        log.info("distrain.wrap: %s (%s)", chosen, reason)
+        # Asked for one wrapper, got another: a warning, shown without any logging setup.
+        notice = log.warning if strategy not in ("auto", chosen) else log.info
+        notice("distrain.wrap: %s (%s)", chosen, reason)
     if chosen == "fsdp":
         from distrain.fsdp import shard_model
 

@@ -7,7 +7,10 @@
 The network (two conv + three linear layers), SGD with lr=0.001 and momentum=0.9 and the
 zero_grad / forward / loss / backward / step loop are the PyTorch tutorial's, line for line. What
 distrain adds is three calls: ``ddp.init()``, ``ddp.wrap(net, ctx)`` and ``build_loader(...)``
-(a sharded, resumable loader), then ``ddp.cleanup()``. ``--data-dir`` is the directory holding
+(a sharded, resumable loader), then ``ddp.cleanup()``. As in the tutorials, a ``StepLR`` schedule
+is stepped once per epoch; with ``--run-dir`` a checkpoint is written after every epoch (model,
+optimizer, scheduler, loader) and a second launch resumes exactly where it stopped, learning rate
+included. ``--data-dir`` is the directory holding
 the extracted ``cifar-10-batches-py`` (never downloaded); without it, torchvision's FakeData of
 the same shape stands in, so the loop runs offline (its accuracy is chance, by construction).
 """
@@ -19,8 +22,10 @@ import argparse
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.optim.lr_scheduler import StepLR
 
 from distrain import ddp
+from distrain.ckpt import Checkpointer
 from distrain.data import build_loader
 from distrain.data.datasets import cifar10
 
@@ -54,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4, help="per rank (the tutorial's 4)")
     parser.add_argument("--fake-size", type=int, default=2000, help="FakeData images (no --data-dir)")
     parser.add_argument("--print-every", type=int, default=2000, help="mini-batches between loss lines")
+    parser.add_argument("--lr-step", type=int, default=1, help="StepLR: epochs between lr decays")
+    parser.add_argument("--run-dir", default=None, help="checkpoint every epoch here, resume from it")
     return parser.parse_args()
 
 
@@ -69,8 +76,15 @@ def main() -> None:
     net = ddp.wrap(Net(), ctx)
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
+    scheduler = StepLR(optimizer, step_size=args.lr_step, gamma=0.5)
+    ckpt = Checkpointer(f"{args.run_dir}/ckpt", ctx) if args.run_dir else None
+    # The checkpoint's step is the number of epochs done (one is saved after every epoch).
+    start = (ckpt.load_latest(model=net, optimizer=optimizer, scheduler=scheduler, loader=trainloader)
+             if ckpt is not None else None) or 0
+    if start:
+        ddp.print0(f"resumed after epoch {start}, lr {scheduler.get_last_lr()[0]:.6g}")
 
-    for epoch in range(args.epochs):
+    for epoch in range(start, args.epochs):
         trainloader.set_epoch(epoch)  # each epoch a new shuffle, split across the ranks
         running_loss = 0.0
         for i, (inputs, labels) in enumerate(trainloader):
@@ -86,6 +100,11 @@ def main() -> None:
                 mean = ddp.all_reduce_mean(running_loss / args.print_every)  # over all ranks
                 ddp.print0(f"[{epoch + 1}, {i + 1:5d}] loss: {mean:.3f}")
                 running_loss = 0.0
+        epoch_lr = scheduler.get_last_lr()[0]
+        scheduler.step()  # per epoch, as the tutorials do
+        if ckpt is not None:
+            ckpt.save(epoch + 1, model=net, optimizer=optimizer, scheduler=scheduler, loader=trainloader)
+        ddp.print0(f"epoch {epoch + 1} lr {epoch_lr:.6g} last loss {ddp.all_reduce_mean(loss.item()):.6f}")
 
     correct = total = 0
     net.eval()

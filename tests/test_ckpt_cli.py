@@ -7,6 +7,7 @@ runs the real ``distrain`` command to check exit codes and one-line errors end t
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from torch import nn
 from distrain.ckpt import Checkpointer
 from distrain.ckpt.cli import main
 from distrain.ddp import Context
-from tests.helpers import distrain
+from tests.helpers import PYTHON, child_env, distrain
 from tests.test_ckpt_store import Payload, rewrite_manifest
 
 CTX = Context(rank=0, local_rank=0, world_size=1, local_world_size=1, node_rank=0,
@@ -123,3 +124,16 @@ def test_the_real_command_exit_codes_and_one_line_errors(root: Path, tmp_path: P
     partial = distrain("ckpt", "verify", str(root), timeout=60)
     assert partial.returncode == 1 and "manifest.json: missing" in partial.stdout
     assert "Traceback" not in partial.stderr + missing.stderr
+
+
+def test_ls_stars_what_load_latest_loads_and_inspect_into_head_ends_quietly(root: Path) -> None:
+    newest = root / "step-00000020"
+    weights = next(p for p in newest.iterdir() if p.name.startswith("model"))
+    weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")  # same size, wrong hash
+    listing = distrain("ckpt", "ls", str(root), timeout=60)
+    starred = [line.split()[1] for line in listing.stdout.splitlines() if line.startswith("*")]
+    assert starred == ["10"], listing.stdout  # load_latest would skip the corrupt step 20
+    piped = subprocess.run(f"'{PYTHON}' -m distrain ckpt inspect '{root / 'step-00000010'}' | head -1",
+                           shell=True, capture_output=True, text=True, env=child_env(), timeout=60,
+                           executable="/bin/bash", check=False)
+    assert piped.stdout.count("\n") == 1 and "Broken pipe" not in piped.stderr, piped.stderr

@@ -116,3 +116,27 @@ def test_plain_torchrun_script_runs_unchanged_under_the_ray_launcher(plain_under
                       example("plain_torchrun_script.py"), *PLAIN_ARGS, timeout=180)
     assert_ok(result)
     assert numbers(result.stdout + result.stderr) == plain_under_torchrun
+
+
+@pytest.mark.timeout(200)
+def test_cifar10_steplr_per_epoch_resumes_exactly(tmp_path: Path) -> None:
+    args = ("--preload", "torchvision", example("cifar10_net.py"), "--fake-size", "64", "--print-every", "4")
+    straight = launch2(*args, "--epochs", "2")
+    first = launch2(*args, "--epochs", "1", "--run-dir", str(tmp_path))
+    resumed = launch2(*args, "--epochs", "2", "--run-dir", str(tmp_path))
+    epochs = re.findall(r"epoch (\d) lr ([\d.e-]+) last loss ([\d.]+)", straight)
+    assert [e[:2] for e in epochs] == [("1", "0.001"), ("2", "0.0005")], straight[-2000:]  # StepLR
+    assert re.findall(r"epoch (\d) lr ([\d.e-]+) last loss ([\d.]+)", first) == epochs[:1]
+    assert "resumed after epoch 1, lr 0.0005" in resumed, resumed[-2000:]
+    assert re.findall(r"epoch (\d) lr ([\d.e-]+) last loss ([\d.]+)", resumed) == epochs[1:]
+
+
+@pytest.mark.timeout(150)
+def test_tabular_regression_with_missing_values_learns_on_two_ranks(tmp_path: Path) -> None:
+    output = launch2(example("tabular_regression.py"), "--out-dir", str(tmp_path), "--epochs", "20")
+    assert "inputs ['NumRooms', 'Alley_Grvl', 'Alley_Pave', 'Alley_nan']" in output, output[-2000:]
+    match = re.search(r"epoch 20: train RMSE ([\d,]+) \(price std ([\d,]+), 2 ranks, 16 steps", output)
+    assert match, output[-2000:]  # 2000 rows / (2 ranks x 64) = 16 steps: each rank its half
+    rmse, std = (float(g.replace(",", "")) for g in match.groups())
+    assert rmse < 0.6 * std
+    assert (tmp_path / "house.csv").read_text().count("NA") > 100  # the table had holes

@@ -42,6 +42,9 @@ def test_report_png_and_table_match_the_events(tmp_path: Path) -> None:
     write_run(tmp_path / "tb")
     (tmp_path / "ckpt").mkdir()  # a run directory holds more than logs
     out = tmp_path / "plots" / "report.png"
+    missing = distrain("report", str(tmp_path), "--out", str(out), timeout=60)
+    assert missing.returncode == 2 and "a file in an existing directory" in missing.stderr, missing.stderr
+    out.parent.mkdir()
     result = distrain("report", str(tmp_path), "--out", str(out), timeout=60)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 20_000
@@ -58,7 +61,9 @@ def test_report_png_and_table_match_the_events(tmp_path: Path) -> None:
         assert cells == [tag, str(events[-1].step), f"{values[-1]:.6g}", f"{min(values):.6g}",
                          f"{max(values):.6g}", str(len(events))]
     assert rows[m.EVAL_ACCURACY][1:3] == ["30", f"{0.5 + 30 / 70.0:.6g}"]
-    assert result.stdout.rstrip().endswith(f"report: {out}")
+    assert result.stdout.rstrip().endswith(
+        f"report: {out} (loss: eval/loss, train/loss; accuracy: eval/accuracy; "
+        "throughput: perf/samples_per_s)")
 
 
 def test_report_defaults_to_run_dir_png_and_labels_several_runs(

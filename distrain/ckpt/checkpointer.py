@@ -51,6 +51,7 @@ from distrain.ckpt.state import (
     capture_rng,
     class_name,
     kind_of,
+    module_mismatch,
     restore_object,
     restore_rank_rng,
     safe_load,
@@ -384,6 +385,12 @@ class Checkpointer:
             if name not in in_shards:
                 states[name] = (values[name] if saved_kind == "json" else
                                 safe_load(path / saved[name]["file"], map_location=self.ctx.device))
+        for name, state in states.items():  # another model's checkpoint: one line, nothing changed
+            mismatch = (module_mismatch(objects[name], state)
+                        if kinds[name] == "module" and not is_fsdp(objects[name]) else None)
+            if mismatch:
+                raise CheckpointError(f"checkpoint {path}: its {name} does not fit this model ({mismatch}); "
+                                      "is it another model's checkpoint directory?")
         rng = safe_load(path / RNG_FILE, map_location="cpu")
         if in_shards:  # models and optimizers of a sharded checkpoint: read through DCP
             load_sharded(self.ctx, path, manifest, objects, kinds, in_shards)

@@ -24,6 +24,7 @@ group, and writes one plain state dict.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -113,10 +114,11 @@ def _ls(args: argparse.Namespace) -> int:
     if not found:
         print(f"no checkpoints under {root}")
         return 0
-    latest = store.latest_name()
+    checked = [(step, path, verify(path, hashes=not args.quick)) for step, path in found]
+    # The star marks what load_latest would load: the newest checkpoint that verifies.
+    latest = next((path.name for _, path, result in reversed(checked) if result.ok), None)
     rows = [("", "step", "time", "size", "kind", "world", "valid")]
-    for step, path in found:
-        result = verify(path, hashes=not args.quick)
+    for step, path, result in checked:
         manifest = result.manifest or {}
         rows.append((
             "*" if path.name == latest else "", str(step), str(manifest.get("time", "?")),
@@ -355,6 +357,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("always")
         try:
             code = handler(args)
+            sys.stdout.flush()  # a closed pipe shows here, not in interpreter shutdown
+        except BrokenPipeError:  # the reader left (`| head`): stop quietly, as cat does
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         except (UsageError, ConfigError) as error:
             code, error_line = EXIT_USAGE, str(error)
         except (CheckpointError, OSError) as error:

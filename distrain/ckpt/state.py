@@ -134,6 +134,25 @@ def safe_load(path: CheckpointPath, *, map_location: torch.device | str) -> Any:
         raise CheckpointError(f"{path}: cannot be read: {error}") from error
 
 
+def module_mismatch(module: nn.Module, state: Mapping[str, Any], shown: int = 3) -> str | None:
+    """The first keys and shapes that differ between a saved module state and ``module``, or None."""
+    own = unwrap(module).state_dict()
+    problems: list[str] = []
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    if missing:
+        problems.append(f"missing {', '.join(missing[:shown])}" + (" ..." if len(missing) > shown else ""))
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:shown])}"
+                        + (" ..." if len(unexpected) > shown else ""))
+    shapes = [f"{key} saved {list(value.shape)} here {list(own[key].shape)}" for key, value in state.items()
+              if key in own and hasattr(value, "shape") and hasattr(own[key], "shape")
+              and tuple(value.shape) != tuple(own[key].shape)]
+    if shapes:
+        problems.append("shape " + "; ".join(shapes[:shown]) + (" ..." if len(shapes) > shown else ""))
+    return "; ".join(problems) or None
+
+
 def restore_object(name: str, obj: Any, kind: str, state: Any) -> None:
     if kind == "module":
         unwrap(obj).load_state_dict(state)

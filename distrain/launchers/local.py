@@ -38,6 +38,7 @@ from distrain.launchers.base import (
     tail_text,
 )
 from distrain.launchers.recovery import c10d_recovery_conf, restart_preload
+from distrain.launchers.restart_notice import restart_notices
 
 if TYPE_CHECKING:
     from distrain.launch import LaunchConfig, RankFailure, RunResult
@@ -214,8 +215,15 @@ class LocalLauncher(Launcher):
             **fields_known_to(TorchLaunchConfig, shutdown_timeout=round(config.term_timeout)),
         )
         entrypoint, args = worker_command(config)
+
+        def failed_first(found: dict[int, Any]) -> tuple[RankFailure, ...]:
+            """Causes first, then the earliest: the rank that failed first is usually the cause."""
+            attempt_dir = _attempt_dir(log_root, run_id)
+            by_time = sorted(found.items(), key=lambda item: (_failed_at(item[1]), item[0]))
+            return causes_first(primary_failures([_describe_failure(r, f, attempt_dir) for r, f in by_time]))
+
         try:
-            with quiet_function_failures():
+            with quiet_function_failures(), restart_notices(failed_first):
                 outputs = elastic_launch(torch_config, entrypoint)(*args)
             values = {rank: value for rank, value in (outputs or {}).items()}
             if not values:
@@ -223,13 +231,8 @@ class LocalLauncher(Launcher):
                 values = dict.fromkeys(range(first, first + config.nproc_per_node))
             return RunResult(return_values=values, log_dir=None if own_log_dir else log_root)
         except ChildFailedError as error:
-            attempt_dir = _attempt_dir(log_root, run_id)
-            found = {**_recorded_elsewhere(error.failures, attempt_dir), **error.failures}
-            # Earliest first: the rank that failed first is usually the cause.
-            by_time = sorted(found.items(), key=lambda item: (_failed_at(item[1]), item[0]))
-            failures = causes_first(primary_failures([
-                _describe_failure(rank, failure, attempt_dir) for rank, failure in by_time
-            ]))
+            found = {**_recorded_elsewhere(error.failures, _attempt_dir(log_root, run_id)), **error.failures}
+            failures = failed_first(found)
             return RunResult(return_values={}, failures=failures, diagnosis=watch.diagnosis,
                              log_dir=None if own_log_dir else log_root)
         except SignalException as error:

@@ -91,9 +91,9 @@ def run_script(script: str, args: Sequence[str], module: bool) -> None:
     stacks.install()  # heartbeat and dump handlers before the script's first line
     try:
         if module:
-            runpy.run_module(script, run_name="__main__", alter_sys=True)
+            namespace = runpy.run_module(script, run_name="__main__", alter_sys=True)
         else:
-            runpy.run_path(script, run_name="__main__")
+            namespace = runpy.run_path(script, run_name="__main__")
     except SystemExit as exit_request:
         _finish()
         raise SystemExit(_exit_code(exit_request.code)) from None
@@ -102,7 +102,16 @@ def run_script(script: str, args: Sequence[str], module: bool) -> None:
         _print_traceback(error)
         _finish()
         raise
+    # The script's globals stay reachable until the exit handlers ran, as under ``python script.py``.
+    # Once runpy returns, its namespace is cyclic garbage (functions -> globals), and a live
+    # DataLoader iterator in it (persistent workers, ``next(iter(loader))``) would be collected by
+    # ``ddp.cleanup()``'s gc.collect(): the gc runs the iterator's queues' weakref finalizers first
+    # (they stop the queue feeder threads), then its ``__del__``, whose shutdown message to the
+    # workers is never sent, so it waits 5 s per worker (torch's MP_STATUS_CHECK_INTERVAL) before
+    # killing them. Kept alive, the workers are stopped by multiprocessing's exit handler instead.
+    _warn_if_never_grouped()
     _finish()
+    del namespace
     _leave_if_stopped(stop_signals)
 
 
@@ -118,6 +127,25 @@ def own_session() -> None:
     """
     with contextlib.suppress(OSError):  # already a session or group leader: nothing to do
         os.setsid()
+
+
+def _warn_if_never_grouped() -> None:
+    """One line (from rank 0) when a multi-rank script ended without ever joining a process group:
+    every rank then trained alone on all the data and wrote the same files."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 2 or os.environ.get("RANK") != "0":
+        return
+    from torch.distributed import distributed_c10d
+
+    from distrain.ddp import formed_group
+
+    # torch sets its init method on every successful init_process_group without a store and never
+    # resets it; ddp.init (which passes a store) records its own groups.
+    plain = getattr(distributed_c10d, "_default_pg_init_method", None) is not None
+    if not (plain or formed_group() or distributed_c10d.is_initialized()):
+        print(f"distrain: warning: the {world} ranks never formed a process group (no ddp.init() or "
+              "init_process_group): each trained alone on all the data; call ddp.init() first, or "
+              "launch with --nproc-per-node 1", file=sys.stderr, flush=True)
 
 
 def _watch_signals() -> int:

@@ -1,17 +1,23 @@
-"""``distrain report RUN_DIR [--out report.png]``: a run's TensorBoard curves as one PNG + a table.
+"""``distrain report RUN_DIR [--out report.png] [--tags ...]``: a run's curves as one PNG + a table.
 
 Reads every directory under ``RUN_DIR`` that holds event files (TensorBoard's own reader,
 ``EventAccumulator``, so resumed runs show the purged, de-duplicated step axis TensorBoard
 shows), draws loss, accuracy and throughput curves side by side with matplotlib's Agg backend
-(no display needed), and prints the final value of every scalar as a table. The hparams session
-(``LOG_DIR/hparams``) is left out of the curves. Bad input exits 2 with one line.
+(no display needed), and prints the final value of every scalar as a table. A tag goes to a panel
+when its name contains the panel's word, in any case (``Loss/train``, ``eval/accuracy``); ``--tags``
+draws one panel per pattern instead. Each event file after a run's first is a restart or resume:
+its first step is marked with a dashed line. The hparams session (``LOG_DIR/hparams``) is left out
+of the curves. Bad input exits 2 with one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +25,8 @@ from distrain.errors import ConfigError
 from distrain.launch_args import OneLineParser
 from distrain.logging.tensorboard import HPARAMS_SUBDIR
 
-__all__ = ["PANELS", "Curve", "find_runs", "format_table", "main", "read_scalars", "render"]
+__all__ = ["PANELS", "Curve", "find_runs", "format_table", "main", "read_scalars", "render", "resume_steps",
+           "tag_panels"]
 
 EXIT_USAGE = 2
 # (panel title, y label, what a tag's last path component must contain to be drawn there)
@@ -38,6 +45,7 @@ class Curve:
     tag: str
     steps: tuple[int, ...]
     values: tuple[float, ...]
+    resumed_at: tuple[int, ...] = ()  # first step of every later event file (restart or resume)
 
 
 def find_runs(run_dir: Path) -> list[Path]:
@@ -61,51 +69,95 @@ def read_scalars(run_dir: Path) -> list[Curve]:
 
     curves = []
     for path in find_runs(run_dir):
-        accumulator = EventAccumulator(str(path), size_guidance={SCALARS: 0})  # 0: keep all
-        accumulator.Reload()
+        with quiet_reader():
+            accumulator = EventAccumulator(str(path), size_guidance={SCALARS: 0})  # 0: keep all
+            accumulator.Reload()
+            resumed = resume_steps(path)
         name = path.relative_to(run_dir).as_posix() if path != run_dir else "."
         for tag in sorted(accumulator.Tags().get("scalars", [])):
             events = accumulator.Scalars(tag)
             curves.append(Curve(run=name, tag=tag, steps=tuple(e.step for e in events),
-                                values=tuple(float(e.value) for e in events)))
+                                values=tuple(float(e.value) for e in events), resumed_at=resumed))
     return curves
 
 
-def _panel_of(tag: str) -> int | None:
-    leaf = tag.rsplit("/", 1)[-1].lower()
-    for index, (_, _, needles) in enumerate(PANELS):
-        if any(needle in leaf for needle in needles):
-            return index
+@contextlib.contextmanager
+def quiet_reader() -> Iterator[None]:
+    """TensorBoard's reader warns about what a resumed run normally has (several graphs, purged
+    steps): keep those off the report's output."""
+    logger = logging.getLogger("tensorboard")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def resume_steps(path: Path) -> tuple[int, ...]:
+    """The first scalar step of each event file after the first (each process writes its own)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    files = sorted(p for p in path.iterdir() if "tfevents" in p.name)
+    firsts = []
+    for file in files[1:]:
+        for event in EventFileLoader(str(file)).Load():
+            if event.HasField("summary") and event.summary.value:
+                firsts.append(int(event.step))
+                break
+    return tuple(sorted(set(firsts)))
+
+
+Panels = Sequence[tuple[str, str, Sequence[str]]]
+
+
+def _matches(tag: str, pattern: str) -> bool:
+    tag, pattern = tag.lower(), pattern.lower()
+    return fnmatch.fnmatchcase(tag, pattern) if any(c in pattern for c in "*?[") else pattern in tag
+
+
+def _panel_of(tag: str, panels: Panels = PANELS) -> int | None:
+    """The panel a tag is drawn in: its last path component decides first, then the whole tag."""
+    for text in (tag.rsplit("/", 1)[-1], tag):
+        for index, (_, _, needles) in enumerate(panels):
+            if any(_matches(text, needle) for needle in needles):
+                return index
     return None
 
 
-def render(curves: Sequence[Curve], out: Path, title: str) -> None:
-    """Draw the loss, accuracy and throughput panels to the PNG ``out``."""
+def tag_panels(patterns: Sequence[str]) -> Panels:
+    """One panel per ``--tags`` pattern (a substring, or a glob with * ? [])."""
+    return tuple((pattern, pattern, (pattern,)) for pattern in patterns)
+
+
+def render(curves: Sequence[Curve], out: Path, title: str, panels: Panels = PANELS) -> None:
+    """Draw one panel per entry of ``panels`` (loss, accuracy, throughput by default) to ``out``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(15, 4.5), layout="constrained")
+    figure = Figure(figsize=(5 * len(panels), 4.5), layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(PANELS))
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
     several_runs = len({curve.run for curve in curves}) > 1
-    for index, (panel, ylabel, _) in enumerate(PANELS):
+    for index, (panel, ylabel, _) in enumerate(panels):
         ax = axes[index]
         ax.set_title(panel)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        drawn = [c for c in curves if _panel_of(c.tag) == index and c.steps]
+        drawn = [c for c in curves if _panel_of(c.tag, panels) == index and c.steps]
         for curve in drawn:
             label = f"{curve.run}: {curve.tag}" if several_runs else curve.tag
             marker = "o" if len(curve.steps) < 30 else None
             ax.plot(curve.steps, curve.values, label=label, marker=marker, markersize=3)
+        for step in sorted({step for curve in drawn for step in curve.resumed_at}):
+            ax.axvline(step, color="gray", linestyle="--", linewidth=1)
         if drawn:
             ax.legend(fontsize="small")
         else:
             ax.text(0.5, 0.5, f"no {panel} curves", ha="center", va="center",
                     transform=ax.transAxes, color="gray")
     figure.suptitle(title)
-    out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=100, format="png")
 
 
@@ -131,15 +183,22 @@ def format_table(curves: Sequence[Curve]) -> str:
     return "\n".join([line(header), *(line(r) for r in rows)])
 
 
-def _parse(argv: Sequence[str]) -> tuple[Path, Path]:
+def _parse(argv: Sequence[str]) -> tuple[Path, Path, Panels]:
     parser = OneLineParser(
         prog="distrain report",
-        description="Draw a run's loss, accuracy and throughput curves (TensorBoard event "
-                    "files) to a PNG and print the final values.",
+        description="Draw a run's curves (TensorBoard event files) to a PNG and print the final value "
+                    "of every scalar. By default three panels: loss (tags containing 'loss'), accuracy "
+                    "('acc') and throughput ('samples_per_s', 'throughput'), matched in any case, so "
+                    "Loss/train and Accuracy/test are drawn. Dashed lines mark the steps where a run "
+                    "restarted or resumed.",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR",
                         help="the run's directory, or its TensorBoard log directory")
-    parser.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/report.png)")
+    parser.add_argument("--out", default=None,
+                        help="PNG to write, in an existing directory (default RUN_DIR/report.png)")
+    parser.add_argument("--tags", nargs="+", default=None, metavar="PATTERN",
+                        help="one panel per pattern instead: a substring or glob of tag names, any "
+                             "case, e.g. --tags loss 'eval/*' lr")
     args = parser.parse_args(list(argv))
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -150,13 +209,16 @@ def _parse(argv: Sequence[str]) -> tuple[Path, Path]:
         raise ConfigError("--out", args.out, "a .png file name", "e.g. --out report.png")
     if out.is_dir():
         raise ConfigError("--out", args.out, "a file, not a directory", "e.g. --out report.png")
-    return run_dir, out
+    if not out.parent.is_dir():
+        raise ConfigError("--out", args.out, "a file in an existing directory",
+                          f"create {out.parent} first, or pick another path")
+    return run_dir, out, tag_panels(args.tags) if args.tags else PANELS
 
 
 def main(argv: Sequence[str]) -> int:
     """Entry point of ``distrain report``; returns the exit code."""
     try:
-        run_dir, out = _parse(argv)
+        run_dir, out, panels = _parse(argv)
         if not find_runs(run_dir):
             raise ConfigError("RUN_DIR", str(run_dir), "a directory with TensorBoard event "
                               "files (events.out.tfevents.*) in it or below",
@@ -165,13 +227,28 @@ def main(argv: Sequence[str]) -> int:
         if not curves:
             raise ConfigError("RUN_DIR", str(run_dir), "event files with scalar points",
                               "log with TBLogger.scalar/scalars, then flush or close it")
+        if panels is not PANELS and not any(_panel_of(c.tag, panels) is not None for c in curves):
+            raise ConfigError("--tags", " ".join(p for p, _, _ in panels), "patterns matching some tag",
+                              f"the run has {', '.join(sorted({c.tag for c in curves})[:8])}")
     except ConfigError as error:
         print(f"distrain report: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    render(curves, out, title=str(run_dir))
+    render(curves, out, title=str(run_dir), panels=panels)
     print(format_table(curves))
-    print(f"report: {out}")
+    print(f"report: {out} ({describe_panels(curves, panels)})")
     return 0
+
+
+def describe_panels(curves: Sequence[Curve], panels: Panels = PANELS) -> str:
+    """What each panel shows and where runs restarted: ``loss: Loss/train; accuracy: none``."""
+    parts = []
+    for index, (panel, _, _) in enumerate(panels):
+        tags = sorted({c.tag for c in curves if _panel_of(c.tag, panels) == index})
+        parts.append(f"{panel}: {', '.join(tags) or 'none'}")
+    resumed = sorted({step for c in curves for step in c.resumed_at})
+    if resumed:
+        parts.append(f"restarted or resumed at step {', '.join(map(str, resumed))}")
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":

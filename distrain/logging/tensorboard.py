@@ -73,6 +73,12 @@ def to_float(value: Any) -> float:
     return float(detach() if callable(detach) else value)
 
 
+def _cpu(value: Any) -> Any:
+    """A tensor detached and on the CPU (tensorboardX converts it); anything else as given."""
+    detach = getattr(value, "detach", None)
+    return detach().cpu() if callable(detach) else value
+
+
 def _hparam_value(value: Any) -> bool | int | float | str:
     if isinstance(value, (bool, int, float, str)):
         return value
@@ -211,6 +217,61 @@ class TBLogger:
         with self._sink.writing() as writer:
             if writer is not None:
                 writer.add_histogram(tag, values, int(step), bins=bins)
+
+    def image(self, tag: str, image: Any, step: int, *, dataformats: str = "CHW") -> None:
+        """One image (a tensor or array, values in [0, 1] for floats) in the Images tab."""
+        if self._sink is None:
+            return
+        with self._sink.writing() as writer:
+            if writer is not None:
+                writer.add_image(tag, _cpu(image), int(step), dataformats=dataformats)
+
+    def images(self, tag: str, images: Any, step: int, *, dataformats: str = "NCHW") -> None:
+        """A batch of images as one grid, e.g. ``tb.images("inputs", batch[:16], step)``."""
+        if self._sink is None:
+            return
+        with self._sink.writing() as writer:
+            if writer is not None:
+                writer.add_images(tag, _cpu(images), int(step), dataformats=dataformats)
+
+    def figure(self, tag: str, figure: Any, step: int, *, close: bool = True) -> None:
+        """A matplotlib figure, rendered to an image (closed afterwards unless ``close=False``)."""
+        if self._sink is None:
+            return
+        with self._sink.writing() as writer:
+            if writer is not None:
+                writer.add_figure(tag, figure, int(step), close=close)
+
+    def embedding(
+        self,
+        features: Any,
+        *,
+        metadata: Any = None,
+        label_img: Any = None,
+        step: int = 0,
+        tag: str = "default",
+        metadata_header: Any = None,
+    ) -> None:
+        """Points for TensorBoard's Projector tab: ``features`` (N x D), one ``metadata`` label
+        per point (or rows with ``metadata_header``), ``label_img`` (N x C x H x W) for the
+        sprite. Written under ``LOG_DIR/<step>/<tag>`` with ``projector_config.pbtxt``."""
+        if self._sink is None:
+            return
+        if hasattr(metadata, "tolist"):
+            metadata = metadata.tolist()
+        with self._sink.writing() as writer:
+            if writer is not None:
+                with warnings.catch_warnings():  # "embedding dir exists": a resumed run rewrites it
+                    warnings.simplefilter("ignore")
+                    writer.add_embedding(_cpu(features), metadata=metadata,
+                                         label_img=None if label_img is None else _cpu(label_img),
+                                         global_step=int(step), tag=tag, metadata_header=metadata_header)
+
+    @property
+    def writer(self) -> Any:
+        """The underlying ``tensorboardX.SummaryWriter`` on rank 0 while open; None on other ranks
+        and after :meth:`close`. For calls TBLogger lacks (``writer.add_pr_curve(...)``)."""
+        return self._sink.writer if self._sink is not None and self._sink.open else None
 
     def config(self, config: Any, *, tag: str = "config") -> None:
         """The resolved run configuration (dict, dataclass, Namespace) as a table in the Text tab.
