@@ -28,8 +28,9 @@ from distrain.errors import ConfigError
 
 T = TypeVar("T")
 
-# The extra that brings each protocol's fsspec implementation.
+# The extra that brings each protocol's fsspec implementation, and that library's name.
 EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+LIBRARIES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 # Bounded waits for S3: botocore's own retries are few, ours (with backoff) come on top.
 S3_DEFAULTS: dict[str, Any] = {
     "config_kwargs": {"connect_timeout": 5, "read_timeout": 60,
@@ -75,10 +76,10 @@ class Remote:
             self.fs, path = url_to_fs(url, **options)
         except ImportError as error:
             extra = EXTRAS.get(protocol)
-            fix = (f"pip install 'distrain[{extra}]'" if extra else
-                   f"install the fsspec implementation of {protocol}:// ({error})")
+            library = LIBRARIES.get(protocol, error.name or f"the library for {protocol}://")
+            fix = f"pip install 'distrain[{extra}]'" if extra else f"pip install {library}"
             raise ConfigError("checkpoint root", url, f"a URL whose storage library is installed "
-                              f"({error.name or protocol} is missing)", fix) from None
+                              f"({library} is missing)", fix) from None
         except ValueError as error:
             raise ConfigError("checkpoint root", url, "a local path or an fsspec URL "
                               "(s3://bucket/prefix, gs://, memory://, file://)", str(error)) from None
