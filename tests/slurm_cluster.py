@@ -51,6 +51,8 @@ class SlurmCluster:
     conf: Path
     nodes: tuple[SlurmNode, ...]
     controller: str
+    # where slurmctld runs and the clients (sbatch, scontrol, ...) are run from
+    client_prefix: tuple[str, ...] = ()
     pids: dict[str, int] = field(default_factory=dict)
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -62,8 +64,8 @@ class SlurmCluster:
 
     def run(self, *argv: str, timeout: float = 60, check: bool = True,
             env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                                env=self.env(env), check=False)
+        result = subprocess.run([*self.client_prefix, *argv], capture_output=True, text=True,
+                                timeout=timeout, env=self.env(env), check=False)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}):\n"
                                  f"{result.stdout}{result.stderr}")
@@ -72,8 +74,10 @@ class SlurmCluster:
     def sbatch(self, script: str | Path, *args: str, options: Sequence[str] = (),
                cwd: Path, env: Mapping[str, str] | None = None) -> str:
         """Submit ``script`` from ``cwd``; the job id."""
-        result = subprocess.run(["sbatch", "--parsable", *options, str(script), *args],
-                                capture_output=True, text=True, timeout=60, cwd=cwd,
+        prefix = [a if not a.startswith("--wdns=") else f"--wdns={cwd}" for a in self.client_prefix]
+        result = subprocess.run([*prefix, "sbatch", "--parsable", *options, str(script), *args],
+                                capture_output=True, text=True, timeout=60,
+                                cwd=None if self.client_prefix else cwd,  # nsenter --wdns
                                 env=self.env(env), check=False)
         if result.returncode != 0:
             raise AssertionError(f"sbatch failed: {result.stderr}")
@@ -133,7 +137,8 @@ def slurm_unavailable() -> str | None:
     return None
 
 
-def _conf(root: Path, nodes: Sequence[SlurmNode], controller: str, controller_addr: str) -> str:
+def _conf(root: Path, nodes: Sequence[SlurmNode], controller: str, controller_addr: str,
+          spool: str) -> str:
     cpus = os.cpu_count() or 1
     lines = [
         "ClusterName=distraintest",
@@ -155,7 +160,7 @@ def _conf(root: Path, nodes: Sequence[SlurmNode], controller: str, controller_ad
         "JobRequeue=1",
         "KillWait=30",
         f"StateSaveLocation={root}/state",
-        f"SlurmdSpoolDir={root}/spool/%n",
+        f"SlurmdSpoolDir={spool or root / 'spool'}/%n",
         f"SlurmctldPidFile={root}/run/slurmctld.pid",
         f"SlurmdPidFile={root}/run/slurmd-%n.pid",
         f"SlurmctldLogFile={root}/log/slurmctld.log",
@@ -185,7 +190,20 @@ def _start(argv: Sequence[str], root: Path) -> None:
     result = subprocess.run(list(argv), capture_output=True, text=True, timeout=60, check=False,
                             env={**os.environ, "SLURM_CONF": str(root / "slurm.conf")})
     if result.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed: {result.stdout}{result.stderr}")
+        logs = "\n".join(p.read_text()[-2000:] for p in (root / "log").glob("*.log"))
+        raise AssertionError(f"{' '.join(argv)} failed: {result.stdout}{result.stderr}\n{logs}")
+
+
+def _mount_cgroups() -> str:
+    """Shell that mounts this machine's cgroup hierarchies at /sys/fs/cgroup (in a host's own
+    mount namespace: a bind of the outer tree is refused across namespaces)."""
+    mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
+    if any(m[1] == "/sys/fs/cgroup" and m[2] == "cgroup2" for m in mounts):
+        return "mount -t cgroup2 cgroup2 /sys/fs/cgroup"
+    steps = ["mount -t tmpfs cgroup /sys/fs/cgroup"]
+    steps += [f"mkdir -p {m[1]} && mount -t {m[2]} -o {m[3]} cgroup {m[1]}" for m in mounts
+              if m[2] in ("cgroup", "cgroup2") and m[1].startswith("/sys/fs/cgroup/")]
+    return " && ".join(steps)
 
 
 def _stop(pids: Mapping[str, int], timeout: float = 30) -> None:
@@ -225,30 +243,45 @@ def _cancel_all(cluster: SlurmCluster, timeout: float = 60) -> None:
 
 
 @contextlib.contextmanager
-def slurm_cluster(nodes: Sequence[SlurmNode] | None = None, *, controller_addr: str = "127.0.0.1",
-                  parent: Path | None = None) -> Iterator[SlurmCluster]:
-    """Start munged, slurmctld and a slurmd per node; stop and remove all of it on exit."""
+def slurm_cluster(nodes: Sequence[SlurmNode] | None = None, *, controller: SlurmNode | None = None,
+                  spool: str = "") -> Iterator[SlurmCluster]:
+    """Start munged, slurmctld and a slurmd per node; stop and remove all of it on exit.
+
+    By default one node, this machine, with slurmctld beside it. For separate hosts, pass their
+    nodes and the one ``controller`` that runs slurmctld (its name must be that host's name) and
+    the clients; ``spool`` a path each host sees on its own private disk. munged runs here: its
+    socket is a file every host's mount namespace sees.
+    """
     nodes = tuple(nodes or (SlurmNode(name=socket.gethostname()),))
-    root = Path(tempfile.mkdtemp(prefix="slurm-", dir=parent))
+    controller = controller or SlurmNode(name=socket.gethostname())
+    root = Path(tempfile.mkdtemp(prefix="slurm-"))
     os.chmod(root, 0o755)  # munge wants every directory above its socket searchable
     for sub in ("munge", "state", "spool", "run", "log"):
         (root / sub).mkdir(mode=0o755)
-    controller = socket.gethostname()  # slurmctld only runs where its host name is SlurmctldHost
-    cluster = SlurmCluster(root=root, conf=root / "slurm.conf", nodes=nodes, controller=controller)
+    # slurmctld only runs where the host name is SlurmctldHost's
+    cluster = SlurmCluster(root=root, conf=root / "slurm.conf", nodes=nodes,
+                           controller=controller.name, client_prefix=controller.prefix)
     try:
         key = root / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        cluster.conf.write_text(_conf(root, nodes, controller, controller_addr))
+        cluster.conf.write_text(_conf(root, nodes, controller.name, controller.addr, spool))
         munge = root / "munge"
         _start(["munged", "--force", f"--socket={munge}/socket", f"--key-file={key}",
                 f"--log-file={root}/log/munged.log", f"--pid-file={munge}/munged.pid",
                 f"--seed-file={munge}/seed"], root)
         cluster.pids["munged"] = _wait_pidfile(munge / "munged.pid", "munged", root)
-        _start(["slurmctld", "-f", str(cluster.conf)], root)
+        _start([*controller.prefix, "slurmctld", "-f", str(cluster.conf)], root)
         cluster.pids["slurmctld"] = _wait_pidfile(root / "run/slurmctld.pid", "slurmctld", root)
         for node in nodes:
-            _start([*node.prefix, "slurmd", "-f", str(cluster.conf), "-N", node.name], root)
+            # slurmd makes its spool directory, but not the ones above it (a host's own disk)
+            _start([*node.prefix, "mkdir", "-p", f"{spool or root / 'spool'}/{node.name}"], root)
+            # slurmd reads the cgroup tree even with proctrack/linuxproc; `ip netns exec` gave a
+            # host a fresh /sys without it, so the host gets this machine's (its own mounts only).
+            slurmd = f"exec slurmd -f {cluster.conf} -N {node.name}"
+            if node.prefix:
+                slurmd = f"mountpoint -q /sys/fs/cgroup || {{ {_mount_cgroups()}; }}; {slurmd}"
+            _start([*node.prefix, "sh", "-c", slurmd], root)
             cluster.pids[f"slurmd-{node.name}"] = _wait_pidfile(
                 root / f"run/slurmd-{node.name}.pid", f"slurmd {node.name}", root)
         cluster.wait_idle()

@@ -115,7 +115,7 @@ def test_preempted_job_saves_requeues_itself_and_resumes_exactly(cluster: SlurmC
 
 
 def test_requeues_are_bounded(cluster: SlurmCluster, tmp_path: Path) -> None:
-    job_id, text = _preempt(cluster, tmp_path, 0, ["--signal=TERM"])  # to the steps, not the shell
+    job_id, text = _preempt(cluster, tmp_path, 0, ["--signal=TERM", "--batch"])
     info = cluster.job(job_id)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", text
     assert info["ExitCode"] == "143:0", info
