@@ -24,11 +24,14 @@ SIGNAL_EXIT = {"SIGTERM": 143, "SIGINT": 130, "SIGHUP": 129, "SIGQUIT": 131}
 
 def _launch(argv: Sequence[str]) -> int:
     from distrain.launch import config_from_args, launch
+    from distrain.launchers.slurm_env import apply_slurm_defaults
 
     parser = build_launch_parser()
-    apply_env_defaults(parser, __import__("os").environ)
-    args = parser.parse_args(list(argv))
+    environ = __import__("os").environ
+    apply_env_defaults(parser, environ)
     try:
+        apply_slurm_defaults(parser, argv, environ)  # inside a SLURM job; explicit flags win
+        args = parser.parse_args(list(argv))
         config = config_from_args(args)
     except ConfigError as error:
         message = blame_environment(str(error), error.what, argv, __import__("os").environ)
@@ -76,6 +79,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "report": (_subcommand("distrain.logging.report"), "draw a run's TensorBoard curves to PNG"),
     "stacks": (_subcommand("distrain.launchers.stacks_cli"),
                "print every rank's stack of a running launch (it goes on)"),
+    "requeue": (_subcommand("distrain.requeue"), "requeue this SLURM job after preemption (bounded)"),
 }
 
 

@@ -6,9 +6,11 @@ import importlib.metadata
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from distrain.env import CONTRACT_KEYS
+from distrain.errors import ConfigError
+from distrain.launchers.slurm_env import describe, detect
 
 PACKAGES = ("torch", "torchvision", "ray", "tensorboardX", "distrain")
 
@@ -36,7 +38,15 @@ def rows() -> list[tuple[str, str]]:
     for key in (*CONTRACT_KEYS, *extra):
         if key in os.environ:
             table.append((f"${key}", os.environ[key]))
-    return table
+    return table + slurm_rows(os.environ)
+
+
+def slurm_rows(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """What ``distrain launch`` would take from SLURM here; a bad variable is shown, not raised."""
+    try:
+        return describe(detect(environ))
+    except ConfigError as error:
+        return [("slurm", f"unusable: {error}")]
 
 
 def main(argv: Sequence[str] = ()) -> int:

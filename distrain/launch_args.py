@@ -135,8 +135,12 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, st
 
 def parse_launch_args(argv: Sequence[str], *, environ: Mapping[str, str] | None = None,
                       prog: str = "distrain launch") -> argparse.Namespace:
+    from distrain.launchers.slurm_env import apply_slurm_defaults
+
     parser = build_launch_parser(prog)
-    apply_env_defaults(parser, os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    apply_env_defaults(parser, environ)
+    apply_slurm_defaults(parser, argv, environ)  # inside a SLURM job; explicit flags win
     return parser.parse_args(list(argv))
 
 

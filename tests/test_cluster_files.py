@@ -142,12 +142,19 @@ def test_slurm_ray_script_starts_ray_on_every_node_then_launches_with_ray() -> N
 
 
 def test_slurm_c10d_script_launches_one_local_launcher_per_node() -> None:
+    """No rendezvous flags: each launcher reads them from SLURM (tests/test_slurm.py runs it)."""
     path = CLUSTER / "slurm-c10d.sbatch"
     command = _shell_command(path, "srun --kill-on-bad-exit=1")
-    args = _launch_args(command, {
-        "SLURM_JOB_NUM_NODES": "2", "HEAD_IP": "10.0.0.1", "RDZV_PORT": "29500",
-        "SLURM_JOB_ID": "77", "RUN_DIR": "/shared/run", "SCRIPT": "train.py", "@": "--epochs"})
+    assert "--ntasks-per-node=1" in command
+    text = re.sub(r'"\$\{ranks\[@\]\}"', "", command)
+    step = {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "n[1-2]",
+            "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NODEID": "1", "SLURM_GPUS_ON_NODE": "4"}
+    argv = shlex.split(re.sub(r"\$\{?(\w+)\}?", lambda m: {"RUN_DIR": "/shared/run", "SCRIPT": "train.py",
+                                                         "@": "--epochs"}.get(m.group(1), ""), text))
+    args = parse_launch_args(argv[argv.index("launch") + 1:], environ=step)
     assert args.launcher == "local" and args.rdzv_backend == "c10d"
-    assert args.rdzv_endpoint == "10.0.0.1:29500" and args.rdzv_id == "77"
-    assert args.nnodes == "2" and args.nproc_per_node == "gpu"
+    assert args.rdzv_endpoint == "n1:15077" and args.rdzv_id == "slurm-77"
+    assert args.nnodes == "2" and args.node_rank == 1 and args.nproc_per_node == "4"
+    # The run directory the way the examples take it (examples/digits_ddp.py --run-dir).
+    assert args.training_script_args[:2] == ["--run-dir", "/shared/run"]
     assert "#SBATCH --ntasks-per-node=1" in path.read_text()

@@ -82,6 +82,8 @@ def run_script(script: str, args: Sequence[str], module: bool) -> None:
     own_session()
     # A forked worker inherits the "forkserver" start method; a script may choose its own.
     multiprocessing.context._default_context._actual_context = None  # type: ignore[attr-defined]
+    for stop in (signal.SIGTERM, signal.SIGHUP):  # the server ignores them (preload_guard)
+        signal.signal(stop, signal.SIG_DFL)
     sys.argv = [script, *args]
     if module:
         sys.path[0:1] = [os.getcwd()]

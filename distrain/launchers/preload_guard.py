@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import signal
 import sys
 
 from distrain.env import scoped_environ
@@ -59,3 +60,9 @@ def _preload_keeping_environ(names: list[str]) -> None:
 _preload_keeping_environ([name for name in os.environ.pop(ENV, "").split(",") if name])
 gc.collect()  # what the imports left as garbage is freed now, not frozen with the rest
 gc.freeze()
+# A scheduler that signals every process of the job (SLURM's step signal, kill -TERM -PGID) must
+# not end the server first: torch's spawn wrapper gives each worker PR_SET_PDEATHSIG=SIGINT, so
+# the server's death would interrupt workers saving on SIGTERM. The launcher stops the server
+# itself; each worker puts the default back before its script runs (preload.run_script).
+for _stop in (signal.SIGTERM, signal.SIGHUP):
+    signal.signal(_stop, signal.SIG_IGN)
