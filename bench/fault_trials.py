@@ -108,6 +108,16 @@ def saving(ckpt: Path | str, step: int | None = None) -> bool:
         return False
 
 
+def reached(ckpt: Path, step: int) -> bool:
+    """A checkpoint of ``step`` or later has been committed under ``ckpt``."""
+    from distrain.ckpt.store import parse_step_dir
+
+    try:
+        return any((parse_step_dir(name) or -1) >= step for name in os.listdir(ckpt))
+    except FileNotFoundError:
+        return False
+
+
 def _saving_s3(url: str, step: int | None) -> bool:
     from distrain.ckpt.objstore import ObjectStore
     from distrain.ckpt.store import MANIFEST, parse_step_dir
@@ -182,6 +192,13 @@ def run_trial(index: int, root: Path, reference: Path, window: float, rng: rando
             wait_until(lambda: saving(ckpt, slow_step), timeout=LAUNCH_TIMEOUT,
                        what=f"the write of checkpoint {slow_step}", running=running, poll=0.002)
             delay = rng.uniform(0.0, 0.05)  # into the write, which takes a second or so
+        elif isinstance(ckpt, Path):
+            # A random moment of training, found by progress rather than time: an async run's
+            # saves do not block it, so it can train in a fraction of the sync reference's time.
+            target = 2 * rng.randrange(2, STEPS // 2 - 2)
+            wait_until(lambda: reached(ckpt, target), timeout=LAUNCH_TIMEOUT,
+                       what=f"checkpoint {target}", running=running, poll=0.002)
+            delay = rng.uniform(0.0, 0.05)  # into the next steps, which take tens of ms each
         else:
             delay = rng.uniform(0.0, window * 0.8)
         time.sleep(delay)  # fault injection: a random instant, not synchronisation
