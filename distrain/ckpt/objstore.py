@@ -25,7 +25,6 @@ import functools
 import json
 import os
 import threading
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,13 +36,12 @@ from distrain.ckpt.store import (
     LATEST,
     MANIFEST,
     CheckpointStore,
-    CheckpointWarning,
     Verification,
     build_manifest,
+    newest_valid,
     parse_step_dir,
     select_for_deletion,
     step_dir_name,
-    verify,
 )
 from distrain.errors import ConfigError
 
@@ -216,13 +214,8 @@ class ObjectStore:
         return [by_step[s] for s in doomed]
 
     def newest_valid(self) -> Verification | None:
-        for _, path in reversed(self.checkpoints()):
-            result = verify(path)
-            if result.ok:
-                return result
-            warnings.warn(f"skipping checkpoint {path}: {'; '.join(result.problems)}",
-                          CheckpointWarning, stacklevel=3)
-        return None
+        """The newest checkpoint that verifies; each newer one skipped is named in a warning."""
+        return newest_valid(self.checkpoints())
 
 
 def open_store(root: str | os.PathLike[str],

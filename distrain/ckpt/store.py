@@ -317,6 +317,18 @@ def verify(path: CheckpointPath | str, *, hashes: bool = True) -> Verification:
     return Verification(path=path, problems=tuple(problems), manifest=manifest)
 
 
+def newest_valid(checkpoints: Iterable[tuple[int, CheckpointPath]]) -> Verification | None:
+    """The newest of ``checkpoints`` (oldest first) that verifies, on disk or in an object store;
+    each newer one skipped is named in a warning."""
+    for _, path in reversed(list(checkpoints)):
+        result = verify(path)
+        if result.ok:
+            return result
+        warnings.warn(f"skipping checkpoint {path}: {'; '.join(result.problems)}",
+                      CheckpointWarning, stacklevel=4)
+    return None
+
+
 def select_for_deletion(
     steps: Iterable[int], *, keep_last: int | None, keep_every: int | None, protect: Iterable[int] = ()
 ) -> list[int]:
@@ -407,11 +419,5 @@ class CheckpointStore:
 
     def newest_valid(self) -> Verification | None:
         """The newest checkpoint that verifies; each newer one skipped is named in a warning."""
-        for _, path in reversed(self.checkpoints()):
-            result = verify(path)
-            if result.ok:
-                return result
-            warnings.warn(f"skipping checkpoint {path}: {'; '.join(result.problems)}",
-                          CheckpointWarning, stacklevel=3)
-        return None
+        return newest_valid(self.checkpoints())
 
