@@ -65,7 +65,7 @@ def test_srun_distrain_env_shows_what_slurm_said(cluster: SlurmCluster, tmp_path
 
 def test_c10d_template_trains_the_digits_example_to_completion(cluster: SlurmCluster,
                                                                tmp_path: Path) -> None:
-    job_id = cluster.sbatch(C10D, str(REPO / "examples" / "digits_ddp.py"), "--epochs", "1",
+    job_id = cluster.sbatch(C10D, str(REPO / "examples" / "digits_logging.py"), "--epochs", "1",
                             options=CPU_NODE, cwd=tmp_path, env={"NPROC_PER_NODE": "2"})
     info = cluster.wait_ended(job_id)
     text = _output(tmp_path, job_id)

@@ -52,7 +52,7 @@ def _submit(cluster: SlurmCluster, host0: Host, name: str, *args: str) -> tuple[
 
 
 def test_c10d_template_trains_digits_across_two_hosts(cluster: SlurmCluster, hosts: list[Host]) -> None:
-    job_id, here = _submit(cluster, hosts[0], "digits", str(REPO / "examples" / "digits_ddp.py"),
+    job_id, here = _submit(cluster, hosts[0], "digits", str(REPO / "examples" / "digits_logging.py"),
                            "--epochs", "1")
     info = cluster.wait_ended(job_id)
     text = (here / f"distrain-c10d-{job_id}.out").read_text()
