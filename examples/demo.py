@@ -74,7 +74,7 @@ def main() -> int:
         print(f"demo: the run failed with exit code {code}", file=sys.stderr)
         return code
     latest = sorted((run_dir / "ckpt").glob("step-*"))[-1]
-    accuracy = json.loads((latest / "extra.json").read_text()).get("eval/accuracy")
+    accuracy = json.loads((latest / "extra.json").read_text()).get("extra", {}).get("eval/accuracy")
     report = run_dir / "report.png"
     subprocess.run([sys.executable, "-m", "distrain", "report", str(run_dir / "tb"), "--out", str(report)],
                    env=env, check=True)
