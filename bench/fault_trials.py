@@ -355,21 +355,12 @@ def run(trials: int = 20, *, seed: int = 0, keep: Path | None = None, start_meth
     """All trials (and the preemption and hang scenarios); prints as it goes, returns the results.
     ``s3``: the trials checkpoint to moto's S3 server on 127.0.0.1 (started here) instead."""
     if s3:
+        from distrain.env import scoped_environ
         from tests.s3server import s3_server
 
-        saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
-        with s3_server() as server:
-            os.environ.update(server.env())  # the launched ranks inherit it
-            try:
-                return _run(trials, seed=seed, keep=keep, start_method=start_method, scenarios=scenarios,
-                            s3_root=f"s3://{server.make_bucket('fault-trials')}")
-            finally:
-                for key, value in saved.items():
-                    if value is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = value
+        with s3_server() as server, scoped_environ(server.env()):  # the launched ranks inherit it
+            return _run(trials, seed=seed, keep=keep, start_method=start_method, scenarios=scenarios,
+                        s3_root=f"s3://{server.make_bucket('fault-trials')}")
     return _run(trials, seed=seed, keep=keep, start_method=start_method, scenarios=scenarios)
 
 

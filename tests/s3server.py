@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import threading
 import uuid
 from collections.abc import Iterator
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from distrain.env import scoped_environ
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1"}
@@ -136,17 +137,8 @@ def s3_server(host: str = "127.0.0.1", port: int = 0) -> Iterator[S3Server]:
 @pytest.fixture(scope="module")
 def s3() -> Iterator[S3Server]:
     """One S3 server per test module; its AWS_* variables set for the module's tests."""
-    saved = {key: os.environ.get(key) for key in (*CREDENTIALS, "AWS_ENDPOINT_URL")}
-    with s3_server() as server:
-        os.environ.update(server.env())
-        try:
-            yield server
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with s3_server() as server, scoped_environ(server.env()):
+        yield server
 
 
 def main() -> None:
