@@ -14,15 +14,22 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from distrain.errors import ConfigError, LaunchFailedError
+from distrain.launch_config import (
+    LAUNCHERS,
+    PLACEMENT_STRATEGIES,
+    RDZV_BACKENDS,
+    START_METHODS,
+    LaunchConfig,
+    RayOptions,
+)
 from distrain.launch_values import (
-    _cuda_count,
     check_entrypoint,
+    cuda_count,
     parse_endpoint,
     parse_hang_timeout,
     parse_nnodes,
@@ -33,146 +40,7 @@ from distrain.launch_values import (
     parse_rdzv_conf,
     parse_std,
 )
-
-LAUNCHERS = ("local", "ray")
-RDZV_BACKENDS = ("static", "c10d")
-START_METHODS = ("spawn", "fork", "forkserver")
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-DEFAULT_HANG_TIMEOUT = 600.0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RayOptions:
-    """Options only the Ray launcher reads."""
-
-    address: str | None = None
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    placement_strategy: str = "PACK"
-    working_dir: str | None = None
-    pip: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LaunchConfig:
-    """Everything a launcher needs, validated. Build it with :func:`config_from_args` or directly.
-
-    ``entrypoint`` is a script path, a module name (``module=True``), an executable
-    (``no_python=True``) or a picklable callable (Python API).
-    """
-
-    entrypoint: str | Callable[..., Any]
-    args: tuple[Any, ...] = ()
-    module: bool = False
-    no_python: bool = False
-    launcher: str = "local"
-    min_nodes: int = 1
-    max_nodes: int = 1
-    nproc_per_node: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int | None = None
-    rdzv_backend: str = "static"
-    rdzv_endpoint: str = ""
-    rdzv_id: str = "none"
-    rdzv_conf: Mapping[str, str] = field(default_factory=dict)
-    standalone: bool = False
-    max_restarts: int = 0
-    monitor_interval: float = 0.1
-    start_method: str = "forkserver"
-    preload: tuple[str, ...] = ("auto",)
-    role: str = "default"
-    log_dir: str | None = None
-    redirects: str = "0"
-    tee: str = "0"
-    local_ranks_filter: frozenset[int] | None = None
-    local_addr: str | None = None
-    term_timeout: float = 30.0
-    hang_timeout: float = DEFAULT_HANG_TIMEOUT  # seconds without progress; 0: off
-    ray: RayOptions = field(default_factory=RayOptions)
-
-    @property
-    def world_size(self) -> int:
-        return self.max_nodes * self.nproc_per_node
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RankFailure:
-    """Why one rank failed."""
-
-    rank: int
-    local_rank: int
-    exitcode: int
-    signal: str | None
-    node: str
-    log_tail: str
-    teardown_abort: bool = False
-    collective_timeout: bool = False  # its output shows a gloo/NCCL collective timeout
-    peer_lost: bool = False  # its output shows a peer's connection going away
-    lost_peer: str | None = None  # the host it lost, when the output names it: "host1 (10.0.0.2)"
-    raised: bool = False  # it recorded an uncaught exception of its own (then may have been stopped)
-
-    def describe(self) -> str:
-        how = f"killed by {self.signal}" if self.signal else f"exit code {self.exitcode}"
-        if self.raised and self.signal:
-            how = f"raised an exception (then stopped by {self.signal} while exiting)"
-        head = f"rank {self.rank} (local rank {self.local_rank} on {self.node}) failed: {how}"
-        if self.teardown_abort:
-            head += (
-                "\n  This is the gloo teardown abort: the script finished, then the process "
-                "aborted at interpreter exit because a DDP/FSDP wrapper outlived the process "
-                "group. Fix: call distrain.ddp.cleanup() at the end of the script (or `del model`"
-                " before dist.destroy_process_group()); see README 'Troubleshooting'."
-            )
-        if self.collective_timeout:
-            head += (
-                "\n  Its collective timed out: another rank did not join the same collective "
-                "within the process group timeout (stuck, far slower, or dead). Look for the rank "
-                "that was not in it; raise ddp.init(timeout=...) only if ranks are legitimately "
-                "that slow (e.g. rank 0 writing a large checkpoint); see README 'Troubleshooting'."
-            )
-        elif self.peer_lost and self.lost_peer:
-            head += (f"\n  It lost its connection to a peer on {self.lost_peer}: that host, or a "
-                     "rank on it, went away first (killed, crashed or unreachable).")
-        elif self.peer_lost:
-            head += ("\n  It lost its connection to a peer: usually a consequence of another "
-                     "rank failing (listed first when distrain saw it fail).")
-        return self.with_output(head)
-
-    def with_output(self, head: str) -> str:
-        """``head`` followed by the last lines of the rank's output, indented."""
-        if not self.log_tail:
-            return head
-        tail = "\n".join("    " + line for line in self.log_tail.rstrip().splitlines())
-        return f"{head}\n  last lines of its output:\n{tail}"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RunResult:
-    """The outcome of a launch: return values (functions) or exit codes, keyed by global rank."""
-
-    return_values: Mapping[int, Any]
-    failures: tuple[RankFailure, ...] = ()
-    signal: str | None = None
-    restarts: int = 0
-    log_dir: str | None = None
-    diagnosis: str = ""  # what the hang watch found (stuck rank first), when it stopped the run
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures and self.signal is None
-
-    def summary(self) -> str:
-        if self.signal:
-            return f"distrain: stopped by {self.signal}; workers were asked to stop first."
-        if not self.failures:
-            return f"distrain: all {len(self.return_values)} local ranks finished successfully."
-        lost = {f.lost_peer for f in self.failures if f.peer_lost and f.lost_peer}
-        also = f"; lost contact with {', '.join(sorted(lost))}" if lost else ""
-        lines = [self.diagnosis] if self.diagnosis else []
-        lines += [f"distrain: the job failed ({len(self.failures)} rank(s){also}):"]
-        lines += [f.describe() for f in self.failures]
-        return "\n".join(lines)
+from distrain.results import RunResult
 
 
 def config_from_args(args: argparse.Namespace) -> LaunchConfig:
@@ -183,7 +51,7 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
     nproc = parse_nproc_per_node(
         str(args.nproc_per_node),
         # Only auto/gpu need CUDA: importing torch costs seconds the Ray launcher never needs.
-        cuda_count=_cuda_count() if str(args.nproc_per_node) in ("auto", "gpu") else 0,
+        cuda_count=cuda_count() if str(args.nproc_per_node) in ("auto", "gpu") else 0,
         cpu_count=os.cpu_count() or 1,
     )
     if args.rdzv_backend not in RDZV_BACKENDS:

@@ -1,7 +1,7 @@
 """Validation of what the user typed: each parser returns a typed value or raises ConfigError.
 
 One function per flag (or family of flags), pure apart from ``check_entrypoint`` (which looks at
-the file system and the import path) and ``_cuda_count``; :func:`distrain.launch.config_from_args`
+the file system and the import path) and ``cuda_count``; :func:`distrain.launch.config_from_args`
 calls them once and builds the :class:`~distrain.launch.LaunchConfig` from their results.
 """
 
@@ -173,7 +173,7 @@ def check_entrypoint(script: str | None, *, module: bool, no_python: bool) -> st
     return script
 
 
-def _cuda_count() -> int:
+def cuda_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -132,7 +132,7 @@ def on_error(error: BaseException) -> None:
     watched = _current()
     if watched is None:
         return
-    from distrain.launchers.base import is_collective_timeout
+    from distrain.results import is_collective_timeout
 
     if not is_collective_timeout(f"{type(error).__name__}: {error}"):
         return

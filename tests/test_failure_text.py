@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from distrain.launch import RankFailure
-from distrain.launchers.base import causes_first, is_collective_timeout, is_peer_lost, is_teardown_abort
+from distrain.results import causes_first, is_collective_timeout, is_peer_lost, is_teardown_abort
 
 GLOO_TRACE = ('Traceback (most recent call last):\n  File "train.py", line 100, in main\n'
               "    loss.backward()\n")

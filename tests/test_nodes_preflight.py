@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from distrain.launchers.base import lost_peer
 from distrain.launchers.recovery import NODE_LOST_AFTER_S, c10d_recovery_conf
 from distrain.preflight import endpoint_problem, main, store_problem
+from distrain.results import lost_peer
 from tests.helpers import free_port
 
 

@@ -28,8 +28,8 @@ import pytest
 import torch
 
 from distrain.env import CONTRACT_KEYS
-from distrain.launchers.base import restored_signal_handlers
 from distrain.launchers.watchdog import WATCH_ENV_KEYS
+from distrain.signals import restored_signal_handlers
 from tests.helpers import PYTHON, REPO, assert_ok, child_env, distrain
 from tests.scripts.ray_harness import (
     Launcher,

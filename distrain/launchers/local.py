@@ -27,21 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distrain.env import default_omp_num_threads, scoped_environ
-from distrain.launchers.base import (
-    Launcher,
-    causes_first,
-    is_collective_timeout,
-    is_peer_lost,
-    is_teardown_abort,
-    lost_peer,
-    restored_signal_handlers,
-    tail_text,
-)
+from distrain.launchers.base import Launcher
 from distrain.launchers.recovery import c10d_recovery_conf, restart_preload
 from distrain.launchers.restart_notice import restart_notices
+from distrain.results import RankFailure, RunResult, causes_first, classify, tail_text
+from distrain.signals import SIGNAL_NAMES, restored_signal_handlers
 
 if TYPE_CHECKING:
-    from distrain.launch import LaunchConfig, RankFailure, RunResult
+    from distrain.launch_config import LaunchConfig
     from distrain.launchers.watchdog import HangWatch
 
 RANK_PREFIX = "[rank${rank}]:"
@@ -122,7 +115,7 @@ def launch_environ(config: LaunchConfig) -> dict[str, str]:
     """
     # What the agent exports before it starts workers; set here too so that workers forked
     # from a server started earlier see it (environment parity with torchrun).
-    changes = {"TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT"}
+    changes = {"TORCHELASTIC_SIGNALS_TO_HANDLE": SIGNAL_NAMES}
     threads = default_omp_num_threads(config.nproc_per_node)
     if threads is not None:
         changes["OMP_NUM_THREADS"] = threads
@@ -183,8 +176,6 @@ class LocalLauncher(Launcher):
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
         from torch.distributed.launcher.api import LaunchConfig as TorchLaunchConfig
         from torch.distributed.launcher.api import elastic_launch
-
-        from distrain.launch import RunResult
 
         own_log_dir = config.log_dir is None
         log_root = config.log_dir or tempfile.mkdtemp(prefix="distrain-logs-")
@@ -313,8 +304,6 @@ def raised_on_its_own(failure: Any) -> bool:
 
 
 def _describe_failure(rank: int, failure: Any, attempt_dir: Path | None) -> RankFailure:
-    from distrain.launch import RankFailure
-
     signal_name = failure.signal_name() if failure.exitcode < 0 else None
     if signal_name == "<N/A>":
         signal_name = None
@@ -331,18 +320,9 @@ def _describe_failure(rank: int, failure: Any, attempt_dir: Path | None) -> Rank
         log_tail = tail_text(callstack or message)
     # Read the whole log: a fatal-error dump can push an earlier traceback out of the tail.
     output = log_text or log_tail
-    return RankFailure(
-        rank=rank,
-        local_rank=failure.local_rank,
-        exitcode=failure.exitcode,
-        signal=signal_name,
-        node=os.uname().nodename,
-        log_tail=log_tail,
-        teardown_abort=is_teardown_abort(failure.exitcode, signal_name, output),
-        collective_timeout=is_collective_timeout(output),
-        peer_lost=is_peer_lost(output),
-        lost_peer=lost_peer(output),
-        raised=raised_on_its_own(failure),
+    return classify(
+        rank=rank, local_rank=failure.local_rank, exitcode=failure.exitcode, signal=signal_name,
+        node=os.uname().nodename, log_tail=log_tail, output=output, raised=raised_on_its_own(failure),
     )
 
 

@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distrain.errors import ConfigError
-from distrain.launchers.base import Launcher, restored_signal_handlers
+from distrain.launchers.base import Launcher
+from distrain.signals import restored_signal_handlers
 
 if TYPE_CHECKING:
-    from distrain.launch import LaunchConfig, RunResult
+    from distrain.launch_config import LaunchConfig
     from distrain.launchers.ray_group import Outcome
     from distrain.launchers.ray_session import CommandPlan, StopRequest
+    from distrain.results import RunResult
 
 DEFAULT_JOIN_TIMEOUT = 600.0  # torchrun's rendezvous join timeout
 
@@ -74,7 +76,6 @@ class RayLauncher(Launcher):
     """Runs the job on Ray: the cluster at ``--address``, or a local Ray it starts."""
 
     def launch(self, config: LaunchConfig) -> RunResult:
-        from distrain.launch import RunResult
         from distrain.launchers.ray_group import Interrupted, RayRankFailure, StartError
         from distrain.launchers.ray_session import (
             catch_signals,
@@ -82,6 +83,7 @@ class RayLauncher(Launcher):
             plan_command,
             ray_session,
         )
+        from distrain.results import RunResult
 
         join_timeout = check_ray_config(config)
         payload = function_payload(config)

@@ -21,23 +21,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from distrain.env import build_worker_env, default_omp_num_threads
-from distrain.launch import RankFailure
-from distrain.launchers.base import (
-    causes_first,
-    is_collective_timeout,
-    is_peer_lost,
-    is_teardown_abort,
-)
 from distrain.launchers.ray_output import RankOutput
 from distrain.launchers.ray_session import CommandPlan, StopRequest, bundle
 from distrain.launchers.ray_worker import RankWorker
+from distrain.results import RankFailure, causes_first, classify
+from distrain.signals import SIGNAL_NAMES
 
 if TYPE_CHECKING:
-    from distrain.launch import LaunchConfig
+    from distrain.launch_config import LaunchConfig
 
 POLL_S = 1.0  # how long an actor holds a poll open when it has nothing to say
 WAIT_S = 0.25  # how often the launcher looks at signals while waiting
-SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"  # torchrun's agent exports this to workers
+SIGNALS_TO_HANDLE = SIGNAL_NAMES  # torchrun's agent exports this to workers
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -305,11 +300,9 @@ class WorkerGroup:
             place = self._places[rank]
             signal_name = _signal_name(code)
             tail = self._output.tail(rank)
-            found.append((float(report.get("exit_time") or 0.0), RankFailure(
+            found.append((float(report.get("exit_time") or 0.0), classify(
                 rank=rank, local_rank=place.local_rank, exitcode=code, signal=signal_name,
-                node=place.node, log_tail=tail,
-                teardown_abort=is_teardown_abort(code, signal_name, tail),
-                collective_timeout=is_collective_timeout(tail), peer_lost=is_peer_lost(tail))))
+                node=place.node, log_tail=tail, output=tail, name_lost_peer=False)))
         return causes_first([failure for _, failure in sorted(found, key=lambda item: item[0])])
 
     def _value(self, report: Mapping[str, Any]) -> Any:

@@ -16,10 +16,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from distrain.launchers.base import tail_text
+from distrain.results import tail_text
 
 if TYPE_CHECKING:
-    from distrain.launch import LaunchConfig
+    from distrain.launch_config import LaunchConfig
 
 TAIL_LINES = 20
 _STREAM_BIT = {"stdout": 1, "stderr": 2}

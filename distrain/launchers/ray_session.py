@@ -30,11 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 from distrain.env import scoped_environ
 from distrain.errors import ConfigError
-from distrain.launchers.base import HANDLED_SIGNALS
+from distrain.signals import HANDLED_SIGNALS
 
 if TYPE_CHECKING:
-    from distrain.launch import LaunchConfig, RayOptions
+    from distrain.launch_config import LaunchConfig, RayOptions
 
+# The distrain package directory, shipped to Ray workers (this file is distrain/launchers/...).
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Driver variables that matter to a training script and are safe to carry to another machine.
 FORWARDED_PREFIXES = (
@@ -253,9 +255,7 @@ def plan_command(config: LaunchConfig, target: Target) -> CommandPlan:
                 raise ConfigError("script", str(config.entrypoint), f"a file inside {root}",
                                   "pass --working-dir as a directory that contains the script")
             argv = (str(script.relative_to(root)), *argv[1:])
-    import distrain
-
-    runtime_env["py_modules"] = [str(Path(distrain.__file__).parent)]
+    runtime_env["py_modules"] = [str(PACKAGE_DIR)]
     runtime_env["excludes"] = list(SHIP_EXCLUDES)
     env_vars = forwarded_env(os.environ)
     if env_vars:

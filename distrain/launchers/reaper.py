@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from distrain.launchers.base import HANDLED_SIGNALS
+from distrain.signals import HANDLED_SIGNALS
 
 KILL_MARGIN_S = 1.0  # after the grace period, before the watch kills: elastic's own kill goes first
 _POLL_S = 0.02

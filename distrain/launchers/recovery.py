@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from distrain.launchers.preload_scan import TRAINING_LAZY_IMPORTS
 
 if TYPE_CHECKING:
-    from distrain.launch import LaunchConfig
+    from distrain.launch_config import LaunchConfig
 
 KEEP_ALIVE_INTERVAL_S = 2
 KEEP_ALIVE_MAX_ATTEMPT = 3

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from distrain.launch import RankFailure
+    from distrain.results import RankFailure
 
 AGENT_LOGGER = "torch.distributed.elastic.agent.server.api"
 RESTART_TEXT = "will restart worker group"

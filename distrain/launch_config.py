@@ -1,0 +1,73 @@
+"""``LaunchConfig``: everything a launcher needs, validated (built by the CLI or by Python callers).
+
+A leaf module: the launchers name the type without importing :mod:`distrain.launch` back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["DEFAULT_HANG_TIMEOUT", "LAUNCHERS", "LaunchConfig", "RayOptions"]
+
+LAUNCHERS = ("local", "ray")
+RDZV_BACKENDS = ("static", "c10d")
+START_METHODS = ("spawn", "fork", "forkserver")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+DEFAULT_HANG_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RayOptions:
+    """Options only the Ray launcher reads."""
+
+    address: str | None = None
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    placement_strategy: str = "PACK"
+    working_dir: str | None = None
+    pip: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LaunchConfig:
+    """Everything a launcher needs, validated. Build it with :func:`config_from_args` or directly.
+
+    ``entrypoint`` is a script path, a module name (``module=True``), an executable
+    (``no_python=True``) or a picklable callable (Python API).
+    """
+
+    entrypoint: str | Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    module: bool = False
+    no_python: bool = False
+    launcher: str = "local"
+    min_nodes: int = 1
+    max_nodes: int = 1
+    nproc_per_node: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+    rdzv_backend: str = "static"
+    rdzv_endpoint: str = ""
+    rdzv_id: str = "none"
+    rdzv_conf: Mapping[str, str] = field(default_factory=dict)
+    standalone: bool = False
+    max_restarts: int = 0
+    monitor_interval: float = 0.1
+    start_method: str = "forkserver"
+    preload: tuple[str, ...] = ("auto",)
+    role: str = "default"
+    log_dir: str | None = None
+    redirects: str = "0"
+    tee: str = "0"
+    local_ranks_filter: frozenset[int] | None = None
+    local_addr: str | None = None
+    term_timeout: float = 30.0
+    hang_timeout: float = DEFAULT_HANG_TIMEOUT  # seconds without progress; 0: off
+    ray: RayOptions = field(default_factory=RayOptions)
+
+    @property
+    def world_size(self) -> int:
+        return self.max_nodes * self.nproc_per_node
