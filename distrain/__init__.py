@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     )
     from distrain.logging.tensorboard import TBLogger
 
-__version__ = "0.1.0"
+from distrain.version import __version__ as __version__
 
 # public name -> the module that defines it
 _EXPORTS = {

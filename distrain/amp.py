@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from distrain.context import resolve
+from distrain.group import resolve
 
 if TYPE_CHECKING:
     from distrain.context import Context

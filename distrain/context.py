@@ -1,27 +1,29 @@
-"""``Context``: where this worker stands, and the current one (set by :func:`distrain.init`).
+"""``Context``: where this worker stands, and the one :func:`distrain.init` recorded last.
 
-A small module with no heavy imports, so every part of the library can name the type without
-importing :mod:`distrain.ddp` back.
+A leaf module with no heavy imports, so every part of the library can name the type without
+importing the process-group code (:mod:`distrain.group`) back.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Context", "current", "resolve"]
+__all__ = ["Context", "clear_current", "recorded", "set_current"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Context:
     """Where this worker stands. ``backend`` is None when there is no process group.
 
-    Used as a context manager (``with distrain.init() as ctx:``) it runs
-    :func:`distrain.cleanup` on exit.
+    Used as a context manager (``with distrain.init() as ctx:``) it runs ``on_exit``
+    (:func:`distrain.cleanup` for the contexts ``init`` makes) on exit, synchronising ranks
+    unless an exception is on its way out.
     """
 
     rank: int
@@ -32,6 +34,8 @@ class Context:
     device: torch.device
     backend: str | None
     is_main: bool
+    # What leaving ``with ctx:`` runs (distrain.init passes distrain.cleanup).
+    on_exit: Callable[[bool], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def distributed(self) -> bool:
@@ -46,9 +50,8 @@ class Context:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        from distrain.ddp import cleanup
-
-        cleanup(synchronize=exc_type is None)
+        if self.on_exit is not None:
+            self.on_exit(exc_type is None)
 
 
 class _Current:
@@ -73,21 +76,6 @@ def clear_current() -> None:
     _current.value = None
 
 
-def current() -> Context:
-    """The context of this process: the one ``distrain.init()`` returned, or ``init()`` now.
-
-    ``init`` is idempotent, so calling it here (when a script passes no ``ctx`` and never called
-    it) gives the same result the script would have got.
-    """
-    if _current.value is None:
-        from distrain.ddp import init
-
-        init()
-    if _current.value is None:  # pragma: no cover - init always sets it
-        raise RuntimeError("distrain.init() did not record a context")
+def recorded() -> Context | None:
+    """The context :func:`distrain.init` recorded last, or None (none yet, or cleaned up)."""
     return _current.value
-
-
-def resolve(ctx: Context | None) -> Context:
-    """``ctx`` when given, else :func:`current`: every public call takes ``ctx=`` optionally."""
-    return current() if ctx is None else ctx

@@ -20,6 +20,7 @@ from typing import Any
 
 from distrain.errors import ConfigError, LaunchFailedError
 from distrain.launch_config import (
+    DEFAULT_HANG_TIMEOUT,
     LAUNCHERS,
     PLACEMENT_STRATEGIES,
     RDZV_BACKENDS,
@@ -40,7 +41,20 @@ from distrain.launch_values import (
     parse_rdzv_conf,
     parse_std,
 )
-from distrain.results import RunResult
+from distrain.results import RankFailure, RunResult
+
+# The types live in leaf modules (the launchers import them from there); named here too, so
+# ``from distrain.launch import LaunchConfig, RunResult`` keeps working.
+__all__ = [
+    "DEFAULT_HANG_TIMEOUT",
+    "LaunchConfig",
+    "RankFailure",
+    "RayOptions",
+    "RunResult",
+    "config_from_args",
+    "launch",
+    "run",
+]
 
 
 def config_from_args(args: argparse.Namespace) -> LaunchConfig:

@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
+from distrain.collectives import reduce_max
 from distrain.errors import ConfigError
-from distrain.logging.metrics import reduce_max
 
 __all__ = ["StopSignal"]
 

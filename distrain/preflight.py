@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from distrain.ddp import Context
+    from distrain.context import Context
 
 STORE_FIX = ("give this host the store's credentials and endpoint (AWS_* variables or "
              "storage_options=), or a path every host can write")

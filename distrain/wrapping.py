@@ -14,25 +14,20 @@ strategy           result
 from __future__ import annotations
 
 import logging
-import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from distrain import stacks
-from distrain.context import resolve
 from distrain.errors import ConfigError
+from distrain.group import resolve, track_wrapper
 
 if TYPE_CHECKING:
     from distrain.context import Context
 
 log = logging.getLogger("distrain")
 STRATEGIES = ("auto", "ddp", "dp", "fsdp", "none")
-
-# Wrappers that hold the process group; released by cleanup() before the group is destroyed.
-_live_wrappers: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def choose_strategy(
@@ -90,7 +85,7 @@ def wrap(
         from distrain.fsdp import shard_model
 
         sharded = shard_model(model, ctx, **kwargs)
-        _live_wrappers.add(sharded)
+        track_wrapper(sharded)
         stacks.watch_model(sharded)
         return sharded
     unknown = set(kwargs) - {"find_unused_parameters", "gradient_as_bucket_view", "static_graph",
@@ -107,7 +102,7 @@ def wrap(
     if chosen == "ddp":
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         wrapped: nn.Module = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **kwargs)
-        _live_wrappers.add(wrapped)
+        track_wrapper(wrapped)
     elif chosen == "dp":
         wrapped = nn.DataParallel(model)
     else:
@@ -125,23 +120,3 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def release_wrapper() -> None:
-    """Drop every reference a live DDP wrapper holds to the process group.
-
-    The DDP ``Reducer`` (C++) owns the process group and autograd hooks; left alive it is
-    destroyed during interpreter finalization, which is what aborts. Deleting it here runs its
-    destructor now, on the main thread, while the group still exists. The wrapper object the
-    user holds stays valid as a container (``.module``) but can no longer run forward.
-    """
-    # FSDP2 keeps its group in its device mesh and needs nothing dropped: with the barrier
-    # cleanup() always runs first it does not abort at teardown (pitfalls.md, make stress).
-    for wrapper in list(_live_wrappers):
-        if isinstance(wrapper, nn.parallel.DistributedDataParallel):
-            for name in ("reducer", "logger", "_comm_hooks", "process_group", "_delay_all_reduce_params"):
-                if name in wrapper.__dict__:
-                    del wrapper.__dict__[name]
-    _live_wrappers.clear()
-    if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
-        torch.cuda.synchronize()

@@ -62,9 +62,9 @@ def test_script_without_ctx_runs_with_no_launcher(tmp_path: Path) -> None:
 
 
 def test_current_context_is_forgotten_at_cleanup() -> None:
-    code = ("import distrain; from distrain import context; ctx = distrain.init(); "
-            "assert context.current() is ctx; distrain.cleanup(); "
-            "again = context.current(); assert again is not ctx and again == ctx; print('ok')")
+    code = ("import distrain; from distrain import group; ctx = distrain.init(); "
+            "assert group.current() is ctx; distrain.cleanup(); "
+            "again = group.current(); assert again is not ctx and again == ctx; print('ok')")
     result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=120,
                             cwd=Path(__file__).parents[1])
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

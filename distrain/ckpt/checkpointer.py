@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-import distrain
 from distrain.ckpt.background import BackgroundWriter
 from distrain.ckpt.convert import gather_full, is_fsdp, original_class, restore_full
+from distrain.ckpt.dcp_names import STORAGE
 from distrain.ckpt.objstore import ObjectStaging, ObjectStore, open_store
 from distrain.ckpt.remote import ObjectPath
-from distrain.ckpt.sharded import STORAGE, ShardedSaver
+from distrain.ckpt.sharded import ShardedSaver
 from distrain.ckpt.sharded import load as load_sharded
 from distrain.ckpt.snapshot import Snapshots
 from distrain.ckpt.state import (
@@ -66,8 +66,10 @@ from distrain.ckpt.store import (
     read_manifest,
     verify,
 )
-from distrain.context import resolve
+from distrain.collectives import broadcast, first_failure
 from distrain.errors import ConfigError
+from distrain.group import resolve
+from distrain.version import __version__
 
 if TYPE_CHECKING:
     from distrain.context import Context
@@ -120,7 +122,7 @@ class Checkpointer:
         if ctx.is_main:
             self.store.create()
             self.store.remove_stale()
-        from distrain.ddp import on_cleanup
+        from distrain.group import on_cleanup
 
         on_cleanup(self.wait)
         on_cleanup(self._sharded.wait)  # also when this Checkpointer is gone before its write
@@ -158,11 +160,11 @@ class Checkpointer:
             except CheckpointError as failed:
                 error = failed
         gathered = gather_full(objects, kinds) if fsdp else {}  # a collective: every rank
-        rngs = self._gather_rng()
+        rngs = self.gather_rng()
         job: Callable[[], None] | None = None
         if self.ctx.is_main and error is None:
             try:
-                job = self._prepare(step, objects, kinds, rngs, gathered=gathered)
+                job = self.prepare(step, objects, kinds, rngs, gathered=gathered)
             except Exception as failed:
                 error = failed
         self._raise_everywhere(error, step)
@@ -202,7 +204,7 @@ class Checkpointer:
             if self.ctx.is_main:
                 self._writer.wait()
 
-    def _prepare(
+    def prepare(
         self, step: int, objects: dict[str, Any], kinds: dict[str, str], rngs: list[Any], *,
         checkpoint_kind: str = "full", gathered: dict[str, Any] | None = None,
         elsewhere: dict[str, dict[str, str]] | None = None,
@@ -235,7 +237,7 @@ class Checkpointer:
             "time": now.isoformat(timespec="seconds"),
             "hostname": socket.gethostname(),
             "torch": torch.__version__,
-            "distrain": distrain.__version__,
+            "distrain": __version__,
             "python": platform.python_version(),
             "objects": described,
         }
@@ -251,7 +253,7 @@ class Checkpointer:
             try:
                 staging = self.store.stage(step)
             except OSError as error:
-                raise self._write_error(step, error) from error
+                raise self.write_error(step, error) from error
         try:
             if before is not None:
                 before(staging)
@@ -261,7 +263,7 @@ class Checkpointer:
             path = staging.commit(meta)
         except OSError as error:
             staging.abort()
-            raise self._write_error(step, error) from error
+            raise self.write_error(step, error) from error
         except BaseException:
             staging.abort()
             raise
@@ -276,7 +278,7 @@ class Checkpointer:
         if not self.async_save:
             self.path = path
 
-    def _write_error(self, step: int, error: OSError) -> CheckpointError:
+    def write_error(self, step: int, error: OSError) -> CheckpointError:
         where = error.filename or self.root
         try:
             newest = [p.name for _, p in self.store.checkpoints()[-1:]]
@@ -290,7 +292,7 @@ class Checkpointer:
             f"nothing was published ({kept}) and the training state in memory is unchanged; "
             f"{fix}, then save again")
 
-    def _gather_rng(self) -> list[Any]:
+    def gather_rng(self) -> list[Any]:
         state = capture_rng()
         if not self.ctx.distributed:
             return [state]
@@ -298,20 +300,22 @@ class Checkpointer:
         dist.gather_object(state, gathered, dst=0)
         return gathered or []
 
-    def _from_main(self, value: Any) -> Any:
-        if not self.ctx.distributed:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+    def finish_write(self) -> None:
+        """Wait for rank 0's background write job, raising its error (:class:`CheckpointWriter`)."""
+        self._writer.wait()
+
+    def submit_write(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on rank 0's background writer (:class:`CheckpointWriter`)."""
+        self._writer.submit(job)
 
     def _raise_everywhere(self, error: BaseException | None, step: int) -> None:
-        """Rank 0's error, raised on every rank (rank 0 raises the original)."""
-        message = self._from_main(None if error is None else str(error))
+        """Any rank's error (only rank 0 writes), raised on every rank; it raises the original."""
+        failed = first_failure(None if error is None else str(error))
         if error is not None:
             raise error
-        if message is not None:
-            raise CheckpointError(f"rank 0 could not save checkpoint step {step}: {message}")
+        if failed is not None:
+            rank, message = failed
+            raise CheckpointError(f"rank {rank} could not save checkpoint step {step}: {message}")
 
     # -- loading -------------------------------------------------------------------------
 
@@ -341,7 +345,7 @@ class Checkpointer:
                     choice = ""  # the snapshot: as new or newer, and read from memory
             except OSError as failed:
                 error = f"cannot read checkpoints under {self.root}: {failed}"
-        choice, error = self._from_main((choice, error))
+        choice, error = broadcast((choice, error))
         if error is not None:
             raise CheckpointError(error)
         if choice == "" and self._snapshots is not None and in_memory is not None:

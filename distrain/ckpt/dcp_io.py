@@ -39,8 +39,8 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import ReadItem
 
+from distrain.ckpt.dcp_names import METADATA_FILE, SHARD_SUFFIX
 from distrain.ckpt.remote import ObjectPath
-from distrain.ckpt.sharded import METADATA_FILE, SHARD_SUFFIX
 from distrain.ckpt.store import CheckpointError, CheckpointPath, UnsafeCheckpointError
 
 _DCP_META = "torch.distributed.checkpoint.metadata"

@@ -13,10 +13,10 @@ Used by :class:`~distrain.ckpt.Checkpointer` when a saved model is FSDP-wrapped 
 Models and optimizers go through ``get_state_dict``/``set_state_dict`` and DCP, so a checkpoint
 written on W ranks loads on any other number (DCP reads the pieces each new shard overlaps).
 The guarantees are those of the full checkpoints, from the same code (:mod:`distrain.ckpt.store`
-and ``Checkpointer._write``): all ranks write into rank 0's temporary directory, agree that
-every shard is on disk, then rank 0 hashes every file into the manifest and publishes the
-directory by one atomic rename. ``async_save=True`` uses ``dcp.async_save`` on a process group
-of its own: ``save`` returns once the state is copied to CPU memory; rank 0 commits when the
+and the write job of ``CheckpointWriter.prepare``): all ranks write into rank 0's temporary
+directory, agree that every shard is on disk, then rank 0 hashes every file into the
+manifest and publishes the directory by one atomic rename. ``async_save=True`` uses
+``dcp.async_save`` on a process group of its own: ``save`` returns once the state is copied to CPU memory; rank 0 commits when the
 write has finished (joined by ``wait()``, the next ``save`` and ``distrain.ddp.cleanup()``).
 Loading runs no pickled code: see :mod:`distrain.ckpt.dcp_io`.
 """
@@ -32,17 +32,16 @@ from typing import TYPE_CHECKING, Any, cast
 import torch.distributed as dist
 
 from distrain.ckpt.convert import Pairing, original_class, pair
+from distrain.ckpt.dcp_names import METADATA_FILE, STORAGE
 from distrain.ckpt.objstore import ObjectStaging, ObjectStore
 from distrain.ckpt.remote import ObjectPath
 from distrain.ckpt.store import CheckpointError, CheckpointStore, Staging
+from distrain.collectives import broadcast, first_failure
 
 if TYPE_CHECKING:
-    from distrain.ckpt.checkpointer import Checkpointer
+    from distrain.ckpt.writer import CheckpointWriter
     from distrain.context import Context
 
-STORAGE = "dcp"  # the manifest's "storage" of an object that lives in the .distcp shards
-METADATA_FILE = ".metadata"  # DCP's index of the shards
-SHARD_SUFFIX = ".distcp"  # DCP's shard files, __<rank>_0.distcp
 # torch.distributed.checkpoint is imported on first use: a DDP-only program need not pay for it.
 
 
@@ -72,7 +71,7 @@ class ShardedSaver:
         if future is not None:
             _result(future)
 
-    def save(self, ckpt: Checkpointer, step: int, objects: dict[str, Any], kinds: dict[str, str]) -> None:
+    def save(self, ckpt: CheckpointWriter, step: int, objects: dict[str, Any], kinds: dict[str, str]) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
@@ -83,7 +82,7 @@ class ShardedSaver:
         pairing = pair(objects, kinds)  # the same on every rank: a ConfigError is raised by all
         rest = {name: obj for name, obj in objects.items() if name not in pairing.names}
         error: BaseException | None = None
-        for finish in (self.wait, ckpt._writer.wait) if ctx.is_main else (self.wait,):
+        for finish in (self.wait, ckpt.finish_write) if ctx.is_main else (self.wait,):
             try:  # the previous save: this rank's write, and on rank 0 its commit
                 finish()
             except CheckpointError as failed:
@@ -93,20 +92,20 @@ class ShardedSaver:
             try:
                 staging = ckpt.store.stage(step)
             except OSError as failed:
-                error = ckpt._write_error(step, failed)
-        where = ckpt._from_main(None if staging is None else str(staging.path))
-        _agree(ctx, error, step, staging)
-        rngs = ckpt._gather_rng()
+                error = ckpt.write_error(step, failed)
+        where: Any = broadcast(None if staging is None else str(staging.path))
+        _agree(error, step, staging)
+        rngs = ckpt.gather_rng()
         job = None
         if ctx.is_main:
             records = {name: {"type": kinds[name], "file": METADATA_FILE, "storage": STORAGE,
                               "class": original_class(objects[name])} for name in sorted(pairing.names)}
             try:
-                job = ckpt._prepare(step, rest, kinds, rngs, checkpoint_kind="sharded",
+                job = ckpt.prepare(step, rest, kinds, rngs, checkpoint_kind="sharded",
                                     elsewhere=records)
             except Exception as failed:
                 error = failed
-        _agree(ctx, error, step, staging)
+        _agree(error, step, staging)
         state = dcp_states(pairing)
         writer = _writer(ckpt.store, where)
         if ckpt.async_save:  # the CPU copy happens in async_save; the write on DCP's thread
@@ -117,7 +116,7 @@ class ShardedSaver:
             self._pending = future
             future.add_done_callback(self._alive_until_done)
             if job is not None:
-                ckpt._writer.submit(functools.partial(job, staging=staging,
+                ckpt.submit_write(functools.partial(job, staging=staging,
                                                       before=functools.partial(_collect, future)))
             return
         try:
@@ -125,13 +124,13 @@ class ShardedSaver:
                 dcp.save(state, storage_writer=writer, no_dist=not ctx.distributed)
         except CheckpointException as failed:
             error = dcp_failure(failed, f"could not write checkpoint step {step}")
-        _agree(ctx, error, step, staging)  # the barrier: every shard is on disk
+        _agree(error, step, staging)  # the barrier: every shard is on disk
         if job is not None:
             try:
                 job(staging=staging, before=functools.partial(_collect, None))
             except Exception as failed:
                 error = failed
-        _agree(ctx, error, step, None)  # no rank runs ahead of the commit
+        _agree(error, step, None)  # no rank runs ahead of the commit
 
     def _alive_until_done(self, future: Future[Any]) -> None:
         """Registered on the write in flight, so that this saver (whose ``wait`` is called by
@@ -187,21 +186,17 @@ def _collect(future: Future[Any] | None, staging: Staging | ObjectStaging) -> No
         raise CheckpointError(f"{staging.path}: DCP wrote no {METADATA_FILE}")
 
 
-def _agree(ctx: Context, error: BaseException | None, step: int,
+def _agree(error: BaseException | None, step: int,
            staging: Staging | ObjectStaging | None) -> None:
     """Every rank learns whether any rank failed; the failing rank raises its own error."""
-    messages: list[Any] = [None if error is None else f"{error}"]
-    if ctx.distributed:
-        messages = [None] * ctx.world_size
-        dist.all_gather_object(messages, None if error is None else f"{error}")
-    failed = [(rank, text) for rank, text in enumerate(messages) if text is not None]
-    if not failed:
+    failed = first_failure(None if error is None else f"{error}")
+    if failed is None:
         return
     if staging is not None:
         staging.abort()
     if error is not None:
         raise error
-    rank, text = failed[0]
+    rank, text = failed
     raise CheckpointError(f"rank {rank} could not save checkpoint step {step}: {text}")
 
 

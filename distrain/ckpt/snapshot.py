@@ -44,7 +44,7 @@ from distrain.ckpt.store import CheckpointError
 from distrain.errors import ConfigError
 
 if TYPE_CHECKING:
-    from distrain.ddp import Context
+    from distrain.context import Context
 
 SLOTS = 3
 PREFIX = "distrain-snapshots-"

@@ -17,9 +17,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from distrain import stacks
-from distrain.context import resolve
 from distrain.data.sampler import ResumableDistributedSampler
 from distrain.errors import ConfigError
+from distrain.group import resolve
 
 if TYPE_CHECKING:
     from distrain.context import Context

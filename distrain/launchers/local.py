@@ -91,9 +91,9 @@ def run_function(fn: Callable[..., Any], *args: Any) -> Any:
         stacks.on_error(error)
         raise
     finally:
-        from distrain import ddp
+        from distrain.group import cleanup
 
-        ddp.cleanup()
+        cleanup()
 
 
 def std_settings(config: LaunchConfig) -> tuple[str, str]:

@@ -139,7 +139,7 @@ def _warn_if_never_grouped() -> None:
         return
     from torch.distributed import distributed_c10d
 
-    from distrain.ddp import formed_group
+    from distrain.group import formed_group
 
     # torch sets its init method on every successful init_process_group without a store and never
     # resets it; ddp.init (which passes a store) records its own groups.

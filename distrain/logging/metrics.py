@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
+from distrain.collectives import reduce_max
 from distrain.errors import ConfigError
-from distrain.logging.tensorboard import to_float
+from distrain.logging.scalars import to_float
 
 if TYPE_CHECKING:
     import torch
@@ -193,21 +194,6 @@ def memory_mb(device: torch.device | None = None) -> dict[str, float]:
     return {RSS: psutil.Process(os.getpid()).memory_info().rss / MIB}
 
 
-def reduce_max(values: Mapping[str, float]) -> dict[str, float]:
-    """The largest value over ranks for each key; identity without a process group."""
-    import torch
-    import torch.distributed as dist
-
-    keys = list(values)
-    if not keys or not (dist.is_available() and dist.is_initialized()):
-        return {key: float(values[key]) for key in keys}
-    tensor = torch.tensor([float(values[key]) for key in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return {key: float(value) for key, value in zip(keys, tensor.cpu().tolist())}
-
-
 def train_scalars(
     ctx: Context,
     *,
@@ -224,7 +210,7 @@ def train_scalars(
     ``loss`` is this rank's loss; the result holds the mean over ranks (two collectives in all:
     one mean, one max for memory). ``stats``: usually ``timer.window()``.
     """
-    from distrain.ddp import all_reduce_mean
+    from distrain.collectives import all_reduce_mean
 
     means: dict[str, float] = {LOSS: to_float(loss)}
     if grad_norm is not None:
@@ -255,7 +241,7 @@ def eval_scalars(
     Each rank passes its own counts: ``correct`` predictions and ``loss_sum`` (summed, not
     averaged) over its ``count`` samples.
     """
-    from distrain.ddp import all_reduce_mean
+    from distrain.collectives import all_reduce_mean
 
     local = {"correct": to_float(correct), "count": to_float(count)}
     if loss_sum is not None:

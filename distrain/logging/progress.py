@@ -27,7 +27,7 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
 from distrain.errors import ConfigError
-from distrain.logging.tensorboard import to_float
+from distrain.logging.scalars import to_float
 
 if TYPE_CHECKING:
     import torch

@@ -37,9 +37,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from distrain.context import resolve
 from distrain.errors import ConfigError
+from distrain.group import resolve
 from distrain.logging.perf import PerfScalars
+from distrain.logging.scalars import to_float
 from distrain.logging.sink import Sink
 
 if TYPE_CHECKING:
@@ -65,12 +66,6 @@ def _unique_suffix() -> str:
     # would share (and truncate) one file. A nanosecond suffix keeps names unique and sorted in
     # creation order, which is the order TensorBoard's reader reads them in.
     return f".{time.time_ns():020d}.{os.getpid()}"
-
-
-def to_float(value: Any) -> float:
-    """A number from a float, int, numpy scalar or one-element tensor (detached first)."""
-    detach = getattr(value, "detach", None)
-    return float(detach() if callable(detach) else value)
 
 
 def _cpu(value: Any) -> Any:
@@ -128,7 +123,7 @@ class TBLogger:
         from tensorboardX import SummaryWriter
         from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-        from distrain import ddp
+        from distrain.group import on_cleanup
 
         if self.purge_step is None and has_event_files(self.log_dir):
             log.warning(
@@ -154,7 +149,7 @@ class TBLogger:
         # Closed when the logger is closed, garbage collected, or at interpreter exit (also
         # after an uncaught exception); flushed at ddp.cleanup() and on SIGTERM.
         self._finalizer = weakref.finalize(self, sink.close)
-        ddp.on_cleanup(sink.flush)
+        on_cleanup(sink.flush)
         sink.install_sigterm()
 
     def flush(self) -> None:

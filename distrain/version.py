@@ -1,0 +1,3 @@
+"""The package version (a leaf module: the checkpoint manifest records it)."""
+
+__version__ = "0.1.0"
