@@ -16,8 +16,9 @@ The guarantees are those of the full checkpoints, from the same code (:mod:`dist
 and the write job of ``CheckpointWriter.prepare``): all ranks write into rank 0's temporary
 directory, agree that every shard is on disk, then rank 0 hashes every file into the
 manifest and publishes the directory by one atomic rename. ``async_save=True`` uses
-``dcp.async_save`` on a process group of its own: ``save`` returns once the state is copied to CPU memory; rank 0 commits when the
-write has finished (joined by ``wait()``, the next ``save`` and ``distrain.ddp.cleanup()``).
+``dcp.async_save`` on a process group of its own: ``save`` returns once the state is copied
+to CPU memory; rank 0 commits when the write has finished (joined by ``wait()``, the next
+``save`` and ``distrain.cleanup()``).
 Loading runs no pickled code: see :mod:`distrain.ckpt.dcp_io`.
 """
 
