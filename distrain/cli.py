@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from distrain.errors import ConfigError
+from distrain.errors import EXIT_FAILED, EXIT_USAGE, ConfigError, signal_exit, usage_error
 from distrain.launch_args import (
     OneLineParser,
     apply_env_defaults,
@@ -16,10 +16,6 @@ from distrain.launch_args import (
     build_launch_parser,
     misplaced_launcher_options,
 )
-
-EXIT_USAGE = 2
-EXIT_FAILED = 1
-SIGNAL_EXIT = {"SIGTERM": 143, "SIGINT": 130, "SIGHUP": 129, "SIGQUIT": 131}
 
 
 def _launch(argv: Sequence[str]) -> int:
@@ -35,8 +31,7 @@ def _launch(argv: Sequence[str]) -> int:
         config = config_from_args(args)
     except ConfigError as error:
         message = blame_environment(str(error), error.what, argv, __import__("os").environ)
-        print(f"distrain launch: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error("distrain launch", message)
     misplaced = misplaced_launcher_options(args.training_script_args)
     if misplaced:
         print(f"distrain launch: warning: {' '.join(misplaced)} after {args.training_script} went to the "
@@ -52,7 +47,7 @@ def _launch(argv: Sequence[str]) -> int:
         return 0
     print(result.summary(), file=sys.stderr, flush=True)
     if result.signal:
-        return SIGNAL_EXIT.get(result.signal, EXIT_FAILED)
+        return signal_exit(result.signal)
     return EXIT_FAILED
 
 
@@ -97,10 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(argv[1:])
     except ConfigError as error:
-        print(f"distrain {argv[0]}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error(f"distrain {argv[0]}", error)
     except KeyboardInterrupt:
-        return SIGNAL_EXIT["SIGINT"]
+        return signal_exit("SIGINT")
 
 
 if __name__ == "__main__":

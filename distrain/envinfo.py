@@ -5,11 +5,10 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-import sys
 from collections.abc import Mapping, Sequence
 
 from distrain.env import CONTRACT_KEYS
-from distrain.errors import ConfigError
+from distrain.errors import ConfigError, usage_error
 from distrain.launchers.slurm_env import describe, detect
 
 PACKAGES = ("torch", "torchvision", "ray", "tensorboardX", "distrain")
@@ -51,8 +50,7 @@ def slurm_rows(environ: Mapping[str, str]) -> list[tuple[str, str]]:
 
 def main(argv: Sequence[str] = ()) -> int:
     if argv:
-        print(f"distrain env: error: unexpected argument {argv[0]!r}; it takes none", file=sys.stderr)
-        return 2
+        return usage_error("distrain env", f"unexpected argument {argv[0]!r}; it takes none")
     table = rows()
     width = max(len(key) for key, _ in table)
     for key, value in table:

@@ -1,10 +1,14 @@
 """Errors that carry a one-line, user-facing message.
 
 A :class:`ConfigError` names the offending value, what was expected and how to fix it. The CLI
-prints its message alone (no traceback) and exits with code 2.
+prints its message alone (no traceback) and exits with :data:`EXIT_USAGE` (2); every exit code
+of the ``distrain`` commands is defined here.
 """
 
 from __future__ import annotations
+
+import signal
+import sys
 
 
 class ConfigError(ValueError):
@@ -20,3 +24,38 @@ class ConfigError(ValueError):
 
 class LaunchFailedError(RuntimeError):
     """A launched job failed; the message is the human summary (which rank, why, log tail)."""
+
+
+# Exit codes of the ``distrain`` commands (one place: every subcommand uses these).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the job failed, or a checkpoint is bad (``distrain ckpt``)
+EXIT_USAGE = 2  # bad input: one line on stderr, no traceback (argparse's code too)
+
+
+def usage_error(prog: str, message: object) -> int:
+    """Print ``PROG: error: MESSAGE`` as one line on stderr; return :data:`EXIT_USAGE`.
+
+    Args:
+        prog: The command as the user typed it, e.g. ``"distrain report"``.
+        message: The error (a :class:`ConfigError` names the value, what was expected, the fix).
+
+    Returns:
+        :data:`EXIT_USAGE`.
+    """
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def signal_exit(name: str | None) -> int:
+    """The shell's exit code for a command stopped by signal ``name`` (128 + its number).
+
+    Args:
+        name: A signal name such as ``"SIGTERM"``.
+
+    Returns:
+        128 + the signal's number, or :data:`EXIT_FAILED` for an unknown name.
+    """
+    try:
+        return 128 + int(signal.Signals[name or ""])
+    except KeyError:
+        return EXIT_FAILED

@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
+from distrain.errors import EXIT_USAGE
+
 DEFAULT_START_METHOD = "forkserver"
 
 
@@ -26,7 +28,7 @@ class OneLineParser(argparse.ArgumentParser):
             close = difflib.get_close_matches(bad.split("=")[0], known, n=1, cutoff=0.6)
             if close:
                 message += f"; did you mean {close[0]}?"
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _flag(name: str) -> list[str]:

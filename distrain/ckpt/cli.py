@@ -42,11 +42,10 @@ from distrain.ckpt.store import (
     read_manifest,
     verify,
 )
-from distrain.errors import ConfigError
+from distrain.errors import EXIT_FAILED, EXIT_USAGE, ConfigError
 from distrain.launch_args import OneLineParser
 
-EXIT_BAD_CHECKPOINT = 1
-EXIT_USAGE = 2
+EXIT_BAD_CHECKPOINT = EXIT_FAILED
 MAX_TENSOR_LINES = 60
 
 

@@ -194,13 +194,12 @@ class ObjectStore:
     def set_latest(self, path: ObjectPath) -> None:
         (self.root / LATEST).write_bytes((path.name + "\n").encode())
 
-    def remove_stale(self, keep: Iterable[ObjectPath] = ()) -> None:
+    def remove_stale(self) -> None:
         """Delete step directories without a manifest (saves that never committed)."""
-        spared = set(keep)
         for name in self.remote.names(self.root.url):
             path = self.root / name
-            if (name.startswith(".probe-") or (parse_step_dir(name) is not None and path not in spared
-                                               and not (path / MANIFEST).is_file())):
+            if name.startswith(".probe-") or (parse_step_dir(name) is not None
+                                              and not (path / MANIFEST).is_file()):
                 self.remote.remove(path.url, recursive=True)
 
     def apply_retention(self, *, keep_last: int | None, keep_every: int | None,

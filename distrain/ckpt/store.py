@@ -397,11 +397,10 @@ class CheckpointStore:
         os.replace(temp, self.root / LATEST)
         fsync_dir(self.root)
 
-    def remove_stale(self, keep: Iterable[Path] = ()) -> None:
+    def remove_stale(self) -> None:
         """Delete what killed writers left behind (``.tmp-``, ``.trash-``, ``.latest-``)."""
-        spared = {Path(p) for p in keep}
         for entry in self.root.iterdir() if self.root.is_dir() else ():
-            if entry.name.startswith((".tmp-", ".trash-", f".{LATEST}-")) and entry not in spared:
+            if entry.name.startswith((".tmp-", ".trash-", f".{LATEST}-")):
                 if entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:

@@ -21,14 +21,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from distrain.errors import ConfigError
+from distrain.errors import ConfigError, usage_error
 from distrain.launch_args import OneLineParser
 from distrain.logging.tensorboard import HPARAMS_SUBDIR
 
 __all__ = ["PANELS", "Curve", "find_runs", "format_table", "main", "read_scalars", "render", "resume_steps",
            "tag_panels"]
 
-EXIT_USAGE = 2
 # (panel title, y label, what a tag's last path component must contain to be drawn there)
 PANELS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("loss", "loss", ("loss",)),
@@ -231,8 +230,7 @@ def main(argv: Sequence[str]) -> int:
             raise ConfigError("--tags", " ".join(p for p, _, _ in panels), "patterns matching some tag",
                               f"the run has {', '.join(sorted({c.tag for c in curves})[:8])}")
     except ConfigError as error:
-        print(f"distrain report: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error("distrain report", error)
     render(curves, out, title=str(run_dir), panels=panels)
     print(format_table(curves))
     print(f"report: {out} ({describe_panels(curves, panels)})")
