@@ -5,33 +5,27 @@ Bad input prints one line naming the value, what was expected and the fix, and e
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 
-from distrain.errors import EXIT_FAILED, EXIT_USAGE, ConfigError, signal_exit, usage_error
-from distrain.launch_args import (
-    OneLineParser,
-    apply_env_defaults,
-    blame_environment,
-    build_launch_parser,
-    misplaced_launcher_options,
-)
+from distrain.errors import EXIT_FAILED, EXIT_USAGE, ConfigError, OneLineParser, signal_exit, usage_error
 
 
 def _launch(argv: Sequence[str]) -> int:
-    from distrain.launch import config_from_args, launch
-    from distrain.launchers.slurm_env import apply_slurm_defaults
+    from distrain.launch import launch
+    from distrain.launch_cli import (
+        blame_environment,
+        config_from_args,
+        misplaced_launcher_options,
+        parse_launch_args,
+    )
 
-    parser = build_launch_parser()
-    environ = __import__("os").environ
-    apply_env_defaults(parser, environ)
     try:
-        apply_slurm_defaults(parser, argv, environ)  # inside a SLURM job; explicit flags win
-        args = parser.parse_args(list(argv))
+        args = parse_launch_args(argv, environ=os.environ)
         config = config_from_args(args)
     except ConfigError as error:
-        message = blame_environment(str(error), error.what, argv, __import__("os").environ)
-        return usage_error("distrain launch", message)
+        return usage_error("distrain launch", blame_environment(str(error), error.what, argv, os.environ))
     misplaced = misplaced_launcher_options(args.training_script_args)
     if misplaced:
         print(f"distrain launch: warning: {' '.join(misplaced)} after {args.training_script} went to the "

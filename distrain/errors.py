@@ -7,8 +7,16 @@ of the ``distrain`` commands is defined here.
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import signal
 import sys
+from typing import NoReturn
+
+# Exit codes of the ``distrain`` commands (one place: every subcommand uses these).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the job failed, or a checkpoint is bad (``distrain ckpt``)
+EXIT_USAGE = 2  # bad input: one line on stderr, no traceback (argparse's code too)
 
 
 class ConfigError(ValueError):
@@ -22,14 +30,22 @@ class ConfigError(ValueError):
         super().__init__(f"{what}={value!r} is invalid: expected {expected}; {fix}")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (with "did you mean") and exit :data:`EXIT_USAGE`."""
+
+    def error(self, message: str) -> NoReturn:
+        if "unrecognized arguments" in message or "ambiguous option" in message:
+            bad = message.split(":", 1)[-1].split()[0] if ":" in message else ""
+            known = [s for a in self._actions for s in a.option_strings]
+            close = difflib.get_close_matches(bad.split("=")[0], known, n=1, cutoff=0.6)
+            if close:
+                message += f"; did you mean {close[0]}?"
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class LaunchFailedError(RuntimeError):
     """A launched job failed; the message is the human summary (which rank, why, log tail)."""
 
-
-# Exit codes of the ``distrain`` commands (one place: every subcommand uses these).
-EXIT_OK = 0
-EXIT_FAILED = 1  # the job failed, or a checkpoint is bad (``distrain ckpt``)
-EXIT_USAGE = 2  # bad input: one line on stderr, no traceback (argparse's code too)
 
 
 def usage_error(prog: str, message: object) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from distrain.launch_args import parse_launch_args
+from distrain.launch_cli import parse_launch_args
 from tests.helpers import PYTHON, REPO
 
 CLUSTER = REPO / "cluster"

@@ -8,9 +8,7 @@ import pytest
 
 from distrain import cli
 from distrain.errors import ConfigError
-from distrain.launch import config_from_args
-from distrain.launch_args import parse_launch_args
-from distrain.launch_values import parse_endpoint, parse_nnodes
+from distrain.launch_cli import config_from_args, parse_endpoint, parse_launch_args, parse_nnodes
 from tests.helpers import distrain
 
 SCRIPT = str(Path(__file__).parent / "scripts" / "dump_env.py")

@@ -14,8 +14,8 @@ import pytest
 
 from distrain import cli
 from distrain.errors import ConfigError
-from distrain.launch import LaunchConfig, RankFailure, RayOptions, config_from_args
-from distrain.launch_args import parse_launch_args
+from distrain.launch import LaunchConfig, RankFailure, RayOptions
+from distrain.launch_cli import config_from_args, parse_launch_args
 from distrain.launchers.ray import check_ray_config, function_payload
 from distrain.launchers.ray_group import RayRankFailure, assign_ranks
 from distrain.launchers.ray_output import on_console, std_value

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from distrain.errors import ConfigError
-from distrain.launch_args import parse_launch_args
+from distrain.launch_cli import parse_launch_args
 from distrain.launchers.slurm_env import describe, detect, expand_hostlist
 from distrain.requeue import decide
 from tests.helpers import distrain

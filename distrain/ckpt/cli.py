@@ -42,8 +42,7 @@ from distrain.ckpt.store import (
     read_manifest,
     verify,
 )
-from distrain.errors import EXIT_FAILED, EXIT_USAGE, ConfigError
-from distrain.launch_args import OneLineParser
+from distrain.errors import EXIT_FAILED, EXIT_USAGE, ConfigError, OneLineParser
 
 EXIT_BAD_CHECKPOINT = EXIT_FAILED
 MAX_TENSOR_LINES = 60

@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from distrain.errors import ConfigError
-from distrain.launch_args import OneLineParser
+from distrain.errors import ConfigError, OneLineParser
 from distrain.launchers.stack_collect import collect
 from distrain.launchers.watchdog import current_beats, is_alive, registry_dir, stacks_text
 

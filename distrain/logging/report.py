@@ -21,8 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from distrain.errors import ConfigError, usage_error
-from distrain.launch_args import OneLineParser
+from distrain.errors import ConfigError, OneLineParser, usage_error
 from distrain.logging.tensorboard import HPARAMS_SUBDIR
 
 __all__ = ["PANELS", "Curve", "find_runs", "format_table", "main", "read_scalars", "render", "resume_steps",
