@@ -25,6 +25,7 @@ from typing import Any
 
 from distrain.collectives import reduce_max
 from distrain.errors import ConfigError
+from distrain.signals import in_main_thread, install, restore
 
 __all__ = ["StopSignal"]
 
@@ -38,13 +39,13 @@ class StopSignal:
     """
 
     def __init__(self, signals: Iterable[signal.Signals] = (signal.SIGTERM,)) -> None:
-        if threading.current_thread() is not threading.main_thread():
+        if not in_main_thread():
             raise ConfigError("StopSignal()", threading.current_thread().name, "the main thread",
                               "create it in the main thread (Python delivers signals there)")
         self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, Any] = {}
         for signum in signals:
-            self._previous[signum] = signal.signal(signum, self._handler(signal.Signals(signum)))
+            self._previous.update(install([signum], self._handler(signal.Signals(signum))))
 
     @property
     def requested(self) -> bool:
@@ -61,9 +62,7 @@ class StopSignal:
 
     def restore(self) -> None:
         """Put back the handlers that were installed before this object."""
-        for signum, previous in self._previous.items():
-            if previous is not None:
-                signal.signal(signum, previous)
+        restore(self._previous)
         self._previous.clear()
 
     def _handler(self, signum: signal.Signals) -> Callable[[int, FrameType | None], None]:

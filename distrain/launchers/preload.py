@@ -34,6 +34,7 @@ import traceback
 from collections.abc import Sequence
 
 from distrain import stacks
+from distrain.signals import SCHEDULER_STOP_SIGNALS, install
 
 DEFAULT_PRELOAD = ("torch", "torch.distributed")
 
@@ -82,8 +83,7 @@ def run_script(script: str, args: Sequence[str], module: bool) -> None:
     own_session()
     # A forked worker inherits the "forkserver" start method; a script may choose its own.
     multiprocessing.context._default_context._actual_context = None  # type: ignore[attr-defined]
-    for stop in (signal.SIGTERM, signal.SIGHUP):  # the server ignores them (preload_guard)
-        signal.signal(stop, signal.SIG_DFL)
+    install(SCHEDULER_STOP_SIGNALS, signal.SIG_DFL)  # the server ignores them (preload_guard)
     sys.argv = [script, *args]
     if module:
         sys.path[0:1] = [os.getcwd()]

@@ -25,6 +25,7 @@ import signal
 import sys
 
 from distrain.env import scoped_environ
+from distrain.signals import SCHEDULER_STOP_SIGNALS, install
 
 ENV = "DISTRAIN_PRELOAD_SCRIPT_IMPORTS"
 
@@ -64,5 +65,4 @@ gc.freeze()
 # not end the server first: torch's spawn wrapper gives each worker PR_SET_PDEATHSIG=SIGINT, so
 # the server's death would interrupt workers saving on SIGTERM. The launcher stops the server
 # itself; each worker puts the default back before its script runs (preload.run_script).
-for _stop in (signal.SIGTERM, signal.SIGHUP):
-    signal.signal(_stop, signal.SIG_IGN)
+install(SCHEDULER_STOP_SIGNALS, signal.SIG_IGN)

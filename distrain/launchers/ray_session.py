@@ -22,7 +22,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from distrain.env import scoped_environ
 from distrain.errors import ConfigError
-from distrain.signals import HANDLED_SIGNALS
+from distrain.signals import HANDLED_SIGNALS, installed
 
 if TYPE_CHECKING:
     from distrain.launch_config import LaunchConfig, RayOptions
@@ -76,20 +75,13 @@ def catch_signals() -> Iterator[StopRequest]:
     Only the main thread may install handlers; elsewhere signals keep their usual effect.
     """
     request = StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield request
-        return
 
     def handler(signum: int, frame: object) -> None:
         request.count += 1
         request.name = request.name or signal.Signals(signum).name
 
-    previous = {sig: signal.signal(sig, handler) for sig in HANDLED_SIGNALS}
-    try:
+    with installed(HANDLED_SIGNALS, handler, unknown=signal.SIG_DFL):
         yield request
-    finally:
-        for sig, old in previous.items():  # None: a handler installed outside Python
-            signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
 def _ray_address_file() -> Path:

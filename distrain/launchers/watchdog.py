@@ -28,6 +28,7 @@ from distrain.heartbeat import COLLECTED, WATCH_DIR_ENV, Beat, read_beats
 from distrain.launchers.hang_report import Diagnosis, diagnose
 from distrain.launchers.stack_collect import RankStacks, collect
 from distrain.launchers.straggler import StragglerTracker
+from distrain.signals import installed
 
 POLL_S = 0.5
 REGISTRY_DIR = "distrain-launches"
@@ -244,13 +245,9 @@ def files_line(folder: Path, files: list[str]) -> str:
 def watching(*, hang_timeout: float, log_dir: str | None, max_restarts: int) -> Iterator[HangWatch]:
     """A started :class:`HangWatch` with SIGUSR1 routed to it (main thread only)."""
     watch = HangWatch(hang_timeout=hang_timeout, log_dir=log_dir, max_restarts=max_restarts)
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGUSR1, watch.request_stacks)
-    watch.start()
-    try:
-        yield watch
-    finally:
-        watch.stop()
-        if previous is not None:
-            signal.signal(signal.SIGUSR1, previous)
+    with installed([signal.SIGUSR1], watch.request_stacks):
+        watch.start()
+        try:
+            yield watch
+        finally:
+            watch.stop()

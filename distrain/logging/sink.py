@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
+from distrain.signals import in_main_thread, install, restore
+
 __all__ = ["Sink"]
 
 log = logging.getLogger("distrain")
@@ -97,20 +99,20 @@ class Sink:
     # SIGTERM is what the launcher sends the surviving ranks when one rank fails.
 
     def install_sigterm(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
+        if not in_main_thread():
             return
         previous = signal.getsignal(signal.SIGTERM)
         if previous is signal.SIG_IGN or previous is None:
             return  # ignored, or set outside Python: leave it alone
         self.previous_sigterm = previous
-        signal.signal(signal.SIGTERM, _sigterm_handler(self, previous))
+        install([signal.SIGTERM], _sigterm_handler(self, previous))
 
     def _restore_sigterm(self) -> None:
         previous, self.previous_sigterm = self.previous_sigterm, None
-        if previous is None or threading.current_thread() is not threading.main_thread():
+        if previous is None or not in_main_thread():
             return
         if getattr(signal.getsignal(signal.SIGTERM), "distrain_sink", None) is self:
-            signal.signal(signal.SIGTERM, previous)
+            restore({signal.SIGTERM: previous})
 
     def flush_for_signal(self) -> None:
         if os.getpid() != self.pid:
@@ -149,7 +151,7 @@ def _sigterm_handler(sink: Sink, previous: Any) -> Callable[[int, FrameType | No
             previous(signum, frame)
             return
         # SIG_DFL: die of SIGTERM as before, so the launcher still sees "killed by SIGTERM".
-        signal.signal(signum, signal.SIG_DFL)
+        install([signum], signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
     handler.distrain_sink = sink  # type: ignore[attr-defined]
