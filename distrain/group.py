@@ -93,7 +93,21 @@ def init(backend: str = "auto", timeout: float | timedelta | None = None) -> Con
     """Join the process group the launcher prepared and pin this worker's device. Idempotent.
 
     With no launcher (no ``RANK``/``WORLD_SIZE`` in the environment) this is a world of one and
-    no process group is created.
+    no process group is created. The context returned becomes the current one, which every
+    other call uses when it is given no ``ctx``.
+
+    Args:
+        backend: ``"auto"`` (nccl with CUDA, else gloo), or a backend name such as ``"gloo"``.
+        timeout: Seconds (or a ``timedelta``) a collective may take before it fails; torch's
+            default when None.
+
+    Returns:
+        The :class:`~distrain.context.Context` of this worker (usable as ``with init() as ctx:``,
+        which runs :func:`cleanup` at the end).
+
+    Raises:
+        ConfigError: An unknown backend, nccl without CUDA, a non-positive timeout, a
+            ``LOCAL_RANK`` beyond the visible GPUs, or a launch without ``MASTER_ADDR``/``PORT``.
     """
     worker = WorkerEnv.from_environ()
     stacks.install()  # hang watch: heartbeat and stack dumps (no-op without distrain launch)
@@ -188,10 +202,14 @@ FINAL_BARRIER_SECONDS = 60.0
 def cleanup(*, synchronize: bool | None = None) -> None:
     """Finish pending writes, release DDP/FSDP state, synchronise, destroy the group. Idempotent.
 
-    ``synchronize`` (default: unless an exception is on its way out) waits for every rank before
-    the group goes. A failing rank must not enter a collective its healthy peers are not in, and
-    a rank whose peers are gone must not hang: on gloo the wait is a ``monitored_barrier`` bounded
-    by ``FINAL_BARRIER_SECONDS``.
+    Also runs at interpreter exit. Errors of the pending writes (``TBLogger.flush``,
+    ``Checkpointer.wait``) are printed, not raised, so the group is always torn down.
+
+    Args:
+        synchronize: Wait for every rank before the group goes (default: unless an exception
+            is on its way out). A failing rank must not enter a collective its healthy peers are
+            not in, and a rank whose peers are gone must not hang: on gloo the wait is a
+            ``monitored_barrier`` bounded by ``FINAL_BARRIER_SECONDS``.
     """
     if synchronize is None:
         synchronize = sys.exc_info()[0] is None and not hasattr(sys, "last_value")

@@ -42,7 +42,17 @@ __all__ = [
 
 
 def launch(config: LaunchConfig) -> RunResult:
-    """Start the workers described by ``config`` and wait for them."""
+    """Start the workers described by ``config`` and wait for them.
+
+    No worker process outlives the call, whatever happens (failure, signal, hang).
+
+    Args:
+        config: What to run and where (:class:`LaunchConfig`).
+
+    Returns:
+        The :class:`RunResult`: return values or exit codes by rank, the failed ranks and why,
+        or the signal that stopped the launch.
+    """
     if config.launcher == "ray":
         from distrain.launchers.ray import RayLauncher
 
@@ -59,11 +69,21 @@ def run(
     launcher: str = "local",
     **options: Any,
 ) -> dict[int, Any]:
-    """Run ``fn(*args)`` on ``nproc`` ranks and return ``{rank: return value}``.
+    """Run ``fn(*args)`` on ``nproc`` ranks and return their return values.
 
-    ``fn`` must be picklable (defined at module level). ``options`` are any other
-    :class:`LaunchConfig` fields (``max_restarts=1``, ``log_dir=...``). Raises
-    :class:`~distrain.errors.LaunchFailedError` with the failure summary if a rank fails.
+    Args:
+        fn: A picklable function (defined at module level).
+        *args: Its arguments (picklable).
+        nproc: How many ranks.
+        launcher: ``"local"`` or ``"ray"``.
+        **options: Any other :class:`LaunchConfig` field (``max_restarts=1``, ``log_dir=...``).
+
+    Returns:
+        ``{rank: return value}``.
+
+    Raises:
+        ConfigError: An unknown launcher or ``nproc`` below 1.
+        LaunchFailedError: A rank failed; the message is the failure summary.
     """
     if launcher not in LAUNCHERS:
         raise ConfigError("launcher", launcher, " or ".join(LAUNCHERS), 'use launcher="local"')

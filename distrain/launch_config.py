@@ -32,10 +32,23 @@ class RayOptions:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LaunchConfig:
-    """Everything a launcher needs, validated. Build it with :func:`config_from_args` or directly.
+    """Everything a launcher needs, validated.
 
-    ``entrypoint`` is a script path, a module name (``module=True``), an executable
-    (``no_python=True``) or a picklable callable (Python API).
+    The CLI builds it with :func:`distrain.launch_cli.config_from_args`; Python callers build it
+    directly (or call :func:`distrain.launch.run`). The fields are torchrun's flags, underscored.
+
+    Attributes:
+        entrypoint: A script path, a module name (``module=True``), an executable
+            (``no_python=True``) or a picklable callable (Python API).
+        args: The script's arguments, or the callable's.
+        launcher: ``"local"`` (torch elastic's agent) or ``"ray"``.
+        min_nodes: Fewest nodes (elastic with c10d rendezvous).
+        max_nodes: Most nodes; ``world_size`` is ``max_nodes * nproc_per_node``.
+        nproc_per_node: Workers per node.
+        max_restarts: How often the whole group is restarted after a failure.
+        hang_timeout: Seconds without progress on any rank before the hang watch stops the
+            group; 0 turns it off.
+        ray: Options only the Ray launcher reads.
     """
 
     entrypoint: str | Callable[..., Any]

@@ -68,9 +68,21 @@ def wrap(
 ) -> nn.Module:
     """Move ``model`` to ``ctx.device`` and wrap it as :func:`choose_strategy` decides.
 
-    ``kwargs`` go to the wrapper: ``find_unused_parameters``, ``gradient_as_bucket_view``,
-    ``static_graph`` for DDP; ``blocks``, ``min_block_params``, ``mixed_precision``,
-    ``reshard_after_forward`` for FSDP.
+    Args:
+        model: The model (on any device).
+        ctx: The worker's context; the current one by default.
+        strategy: ``"auto"`` (DDP with a process group, DataParallel on one process with several
+            GPUs, else plain), ``"ddp"``, ``"dp"``, ``"fsdp"`` or ``"none"``.
+        sync_batchnorm: Convert BatchNorm layers to SyncBatchNorm (DDP).
+        **kwargs: Passed to the wrapper: ``find_unused_parameters``, ``gradient_as_bucket_view``,
+            ``static_graph`` for DDP; ``blocks``, ``min_block_params``, ``mixed_precision``,
+            ``reshard_after_forward`` for FSDP.
+
+    Returns:
+        The wrapped model (``unwrap`` gives the original back); released at :func:`cleanup`.
+
+    Raises:
+        ConfigError: An unknown strategy, or one this world cannot run.
     """
     ctx = resolve(ctx)
     visible = torch.cuda.device_count() if ctx.device.type == "cuda" else 0

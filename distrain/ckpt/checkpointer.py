@@ -78,17 +78,24 @@ if TYPE_CHECKING:
 class Checkpointer:
     """Atomic, verified, optionally asynchronous checkpoints under ``root``.
 
-    ``keep_last``: how many of the newest checkpoints to keep (None: all); ``keep_every``: also
-    keep every checkpoint whose step is a multiple of it. ``async_save``: ``save`` only copies
-    the state to CPU memory and returns; a background thread writes it (one save in flight at
-    most; ``wait()``, the next ``save`` and ``distrain.ddp.cleanup()`` join it and raise its error).
-    ``sharded``: write sharded checkpoints (every rank its shard, through DCP); None (default):
-    sharded when a saved model is FSDP-wrapped, full (rank 0 writes) otherwise.
-    ``storage_options``: passed to fsspec when ``root`` is a URL (credentials, ``endpoint_url``);
-    by default S3 reads the ``AWS_*`` environment variables.
-    ``snapshot_every``: ``snapshot(step, ...)`` keeps the state of every N-th step in node-local
-    shared memory, and ``load_latest`` resumes from it when it is newer than the newest
-    checkpoint (:mod:`distrain.ckpt.snapshot`).
+    Args:
+        root: A directory, or a URL (``s3://bucket/prefix``) read and written through fsspec.
+        ctx: The worker's context; the current one by default.
+        keep_last: How many of the newest checkpoints to keep (None: all).
+        keep_every: Also keep every checkpoint whose step is a multiple of it.
+        async_save: ``save`` only copies the state to CPU memory and returns; a background
+            thread writes it (one save in flight at most; ``wait()``, the next ``save`` and
+            ``distrain.cleanup()`` join it and raise its error).
+        sharded: Write sharded checkpoints (every rank its shard, through DCP); None: sharded
+            when a saved model is FSDP-wrapped, full (rank 0 writes) otherwise.
+        storage_options: Passed to fsspec when ``root`` is a URL (credentials, ``endpoint_url``);
+            by default S3 reads the ``AWS_*`` environment variables.
+        snapshot_every: ``snapshot(step, ...)`` keeps the state of every N-th step in node-local
+            shared memory, and ``load_latest`` resumes from it when it is newer than the newest
+            checkpoint (:mod:`distrain.ckpt.snapshot`).
+
+    Raises:
+        ConfigError: A retention, ``sharded`` or ``snapshot_every`` value that is not valid.
     """
 
     def __init__(
@@ -132,6 +139,7 @@ class Checkpointer:
 
     @property
     def root(self) -> CheckpointPath:
+        """Where the checkpoints live (a directory, or an object-store path)."""
         return self.store.root
 
     # -- saving --------------------------------------------------------------------------
@@ -139,9 +147,20 @@ class Checkpointer:
     def save(self, step: int, **objects: Any) -> None:
         """Write checkpoint ``step`` holding ``objects`` (call on every rank).
 
-        Raises :class:`CheckpointError` on every rank if rank 0 could not write it (or could
-        not write the previous one, in async mode); nothing half-written is ever published and
-        the objects in memory are untouched, so training can go on or save elsewhere.
+        Nothing half-written is ever published: the checkpoint appears whole, by one atomic
+        rename (or commit, in an object store), or not at all.
+
+        Args:
+            step: The global step count (a non-negative integer; the directory's name).
+            **objects: Name -> what to save: modules (wrapped or not), optimizers, LR
+                schedulers, GradScalers, resumable loaders, anything with ``state_dict``, or
+                JSON-able values.
+
+        Raises:
+            CheckpointError: On every rank, if a rank could not write it (or, in async mode,
+                the previous one); the objects in memory are untouched, so training can go on
+                or save elsewhere.
+            ConfigError: A bad step, or no objects.
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError("step", step, "a non-negative integer", "pass the global step count")
@@ -182,8 +201,20 @@ class Checkpointer:
             self._snapshots.drop(through=step)  # the checkpoint makes them redundant
 
     def snapshot(self, step: int, **objects: Any) -> bool:
-        """Keep the state in memory if ``step`` is a multiple of ``snapshot_every`` (call it on
-        every rank after every optimizer step); True when a snapshot was started."""
+        """Keep the state in memory if ``step`` is a multiple of ``snapshot_every``.
+
+        Call it on every rank after every optimizer step.
+
+        Args:
+            step: The global step count.
+            **objects: As for :meth:`save`.
+
+        Returns:
+            True when a snapshot was started.
+
+        Raises:
+            ConfigError: The Checkpointer has no ``snapshot_every``, or a bad step.
+        """
         if self._snapshots is None:
             raise ConfigError("snapshot_every", None, "a positive integer to take snapshots",
                               "e.g. Checkpointer(root, ctx, snapshot_every=1)")
@@ -195,7 +226,11 @@ class Checkpointer:
         return True
 
     def wait(self) -> None:
-        """Finish the background write in flight and raise its error, if any."""
+        """Finish the background write in flight and raise its error, if any.
+
+        Raises:
+            CheckpointError: The write in flight failed (nothing of it was published).
+        """
         if self._snapshots is not None:
             self._snapshots.wait()
         try:
@@ -211,8 +246,21 @@ class Checkpointer:
     ) -> Callable[..., None]:
         """Take the state now (CPU copies when async: the only stall); return the write job.
 
-        ``gathered``: states already collected (FSDP gathered in full); ``elsewhere``: manifest
-        records of objects the job does not write (the sharded path's DCP files).
+        Part of the :class:`~distrain.ckpt.writer.CheckpointWriter` interface (rank 0 only).
+
+        Args:
+            step: The checkpoint's step.
+            objects: Name -> object to write.
+            kinds: Name -> its kind (``kind_of``).
+            rngs: Every rank's RNG state (:meth:`gather_rng`).
+            checkpoint_kind: ``"full"`` or ``"sharded"`` (recorded in the manifest).
+            gathered: States already collected (FSDP gathered in full).
+            elsewhere: Manifest records of objects the job does not write (the sharded path's
+                DCP files).
+
+        Returns:
+            The job: ``job(staging=None, before=None)`` writes, commits, points ``latest`` at
+            the checkpoint and applies retention.
         """
         states: dict[str, Any] = {}
         values: dict[str, Any] = {}
@@ -279,6 +327,15 @@ class Checkpointer:
             self.path = path
 
     def write_error(self, step: int, error: OSError) -> CheckpointError:
+        """The one-line error for a failed write of ``step``: what was kept, how to fix it.
+
+        Args:
+            step: The checkpoint that could not be written.
+            error: The OS error of the write.
+
+        Returns:
+            The error to raise.
+        """
         where = error.filename or self.root
         try:
             newest = [p.name for _, p in self.store.checkpoints()[-1:]]
@@ -293,6 +350,11 @@ class Checkpointer:
             f"{fix}, then save again")
 
     def gather_rng(self) -> list[Any]:
+        """Every rank's RNG state, gathered on rank 0 (a collective: call it on every rank).
+
+        Returns:
+            The states in rank order on rank 0; an empty list on the other ranks.
+        """
         state = capture_rng()
         if not self.ctx.distributed:
             return [state]
@@ -322,9 +384,20 @@ class Checkpointer:
     def load_latest(self, **objects: Any) -> int | None:
         """Restore ``objects`` and this rank's RNG from the newest valid checkpoint.
 
-        Returns its step, or None when there is none (nothing is changed then). Checkpoints that
-        fail verification are skipped with a :class:`CheckpointWarning` naming them. JSON values
-        are in :attr:`values` afterwards (and copied into any dict passed under their name).
+        Checkpoints that fail verification are skipped with a :class:`CheckpointWarning` naming
+        them. JSON values are in :attr:`values` afterwards (and copied into any dict passed under
+        their name). Call it on every rank.
+
+        Args:
+            **objects: Name -> object to restore in place, as passed to :meth:`save`.
+
+        Returns:
+            The step of the checkpoint restored, or None when there is none (nothing is
+            changed then).
+
+        Raises:
+            CheckpointError: A checkpoint was chosen but could not be read.
+            ConfigError: A JSON value's name is given something other than a dict.
         """
         kinds = {name: kind_of(name, obj) for name, obj in objects.items()}
         for name, obj in objects.items():

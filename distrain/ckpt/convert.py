@@ -25,7 +25,7 @@ from distrain.wrapping import unwrap
 def is_fsdp(obj: Any) -> bool:
     """True for a model (or a model with a submodule) sharded by FSDP2 or FSDP1."""
     if not isinstance(obj, nn.Module) or "torch.distributed.fsdp" not in sys.modules:
-        return False  # (no FSDP model can exist before FSDP is imported; importing it costs 0.5 s)
+        return False  # (no FSDP model can exist before FSDP is imported; importing it is slow)
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
     return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in unwrap(obj).modules())

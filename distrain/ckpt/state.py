@@ -78,8 +78,8 @@ def snapshot(value: Any, *, copy: bool, where: str, staging: dict[str, torch.Ten
     ``torch.load(weights_only=True)`` would refuse, so no unloadable checkpoint is written.
 
     ``staging``: CPU buffers from the previous snapshot, keyed by ``where``, reused for copies
-    of the same shape (updated in place). Copying into pages that are already mapped is several
-    times faster than a fresh ``clone()``, whose first touch of each page faults it in.
+    of the same shape (updated in place). Copying into pages that are already mapped avoids the
+    page faults of a fresh ``clone()``, whose first touch of each page faults it in.
     """
     if isinstance(value, torch.Tensor):
         if type(value) not in (torch.Tensor, nn.Parameter):

@@ -102,6 +102,27 @@ def build_loader(
     ``num_workers`` defaults to 0 on CPU-only hosts with few cores, else 2; worker processes are
     seeded and persistent. Randomness inside the dataset should come from the sample index (or
     the per-worker seed) for bit-exact resume; the shuffle order itself is always exact.
+
+    Args:
+        dataset: A map-style dataset (with ``__len__``).
+        ctx: The worker's context; the current one by default.
+        batch_size: Samples per rank per micro-batch.
+        global_batch_size: Samples per optimizer step over all ranks.
+        shuffle: Shuffle every epoch (from ``seed`` and the epoch: the same on every rank).
+        seed: The shuffle and worker seed.
+        num_workers: DataLoader worker processes (default as above).
+        pin_memory: ``"auto"`` pins when the context's device is CUDA.
+        drop_last: Drop the last incomplete batch of each rank.
+        persistent_workers: Keep worker processes between epochs (default: when there are some).
+        collate_fn: As DataLoader's.
+        prefetch_factor: As DataLoader's.
+
+    Returns:
+        A :class:`ResumableLoader`: iterate it; ``set_epoch``, ``state_dict`` and
+        ``load_state_dict`` resume it mid-epoch on any world size.
+
+    Raises:
+        ConfigError: A dataset without ``__len__``, or batch sizes that do not divide.
     """
     ctx = resolve(ctx)
     per_rank, accumulation = batch_plan(batch_size, global_batch_size, ctx.world_size)

@@ -11,9 +11,8 @@ If an import initialised CUDA (which a forked child cannot use), say which one a
 
 Last, ``gc.freeze()``: the preloaded objects (hundreds of MB of torch, scipy, ...) move to the
 gc's permanent generation, so a worker's collections never walk them. Without it each
-``gc.collect()`` in a worker (``ddp.cleanup()`` runs two) touched every preloaded object, took
-0.47 s and copied the pages it touched out of the shared, copy-on-write memory (measured in a
-forked digits worker: 0.58 s from script start to exit, 0.13 s frozen).
+``gc.collect()`` in a worker (``distrain.cleanup()`` runs two) would touch every preloaded
+object and copy the pages it touched out of the shared, copy-on-write memory.
 """
 
 from __future__ import annotations

@@ -2,16 +2,15 @@
 
 Forking the workers from a server that imported ``torch`` removes N ``import torch`` from the
 start-up, but a script that then imports scikit-learn, torchvision or TensorBoard pays those
-imports N times over again (measured: the first optimizer step of ``examples/digits_ddp.py`` at
-16 ranks came 0.63 of torchrun's time with torch alone preloaded, 0.13 with its imports too).
+imports N times over again (``bench/`` compares the first step's time with torchrun's).
 With ``--preload script`` the server also imports the modules the script imports at its top
 level, read from its source without running it (``ast``); ``--preload auto`` (the default) does
 so when the local ranks outnumber the usable cores (see ``resolve_preload``). Left out:
 
 * the script's own modules (found next to it, or in its package for ``-m``): importing them
   would run user code in the server;
-* (added) ``torch._dynamo``: building DDP and the first optimizer step import it (1-4 s of CPU
-  per rank, measured). Added whatever the script's own imports: a ``-m`` entry point often
+* (added) ``torch._dynamo``: building DDP and the first optimizer step import it (seconds of CPU
+  per rank). Added whatever the script's own imports: a ``-m`` entry point often
   reaches torch only through its own package;
 * modules known to start threads or services at import (forking a process with threads can
   deadlock the child): see ``NEVER_PRELOAD``.
@@ -86,7 +85,7 @@ def script_imports(script: str, *, module: bool) -> list[str]:
 
 
 # What a training step imports lazily: DistributedDataParallel() and the first optimizer step import
-# torch._dynamo (measured: 1.15 s of CPU on a quiet machine, paid by every rank before its first step).
+# torch._dynamo (seconds of CPU, paid by every rank before its first step).
 TRAINING_LAZY_IMPORTS = ("torch._dynamo",)
 
 

@@ -5,7 +5,7 @@ torch elastic forwards SIGTERM/SIGINT to the workers, waits the grace period
 signal that lands *while it starts them* (``PContext.start``) escapes that: if the process
 context is not built yet, the workers started so far are never signalled (orphans that may
 never exit); if it is built, its clean-up waits elastic's fixed 30 s, not the grace period. A
-loaded machine makes that window wide enough to hit (CI did: 30.7 s instead of 2).
+loaded machine makes that window wide enough to hit.
 
 So, around every local launch:
 

@@ -13,7 +13,7 @@ without a heartbeat, and once enough nodes are back the round stays open ``last_
 
 A job that may restart (``--max-restarts`` > 0) also has the fast-start server import what
 building DDP imports (``torch._dynamo``) once, before the first fork: otherwise every restarted
-rank imports it again before its first step (measured here under load: 13-16 s of a restart).
+rank imports it again before its first step (most of a restart's time on a loaded machine).
 """
 
 from __future__ import annotations

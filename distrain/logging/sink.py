@@ -1,8 +1,8 @@
 """The durable half of TBLogger: synchronous event writes, exact flushes, SIGTERM, fork safety.
 
 ``tensorboardX.SummaryWriter.flush()`` does not drain its event queue: points added just before
-it are often not on disk after it returns (measured: TensorBoard's reader saw 1 of 5 points
-right after ``flush()``). :class:`Sink` makes the writer's file writer write each event at once
+it are often not on disk after it returns (TensorBoard's reader misses them right after
+``flush()``). :class:`Sink` makes the writer's file writer write each event at once
 into the file buffer, so a flush is exact, and flushes it on an interval, on request and on
 SIGTERM. It holds no reference to the logger, so a logger dropped without ``close()`` is
 garbage collected and its finalizer closes the sink.

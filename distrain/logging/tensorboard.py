@@ -13,8 +13,8 @@ Only global rank 0 creates a ``tensorboardX.SummaryWriter``; on other ranks no f
 directory is created and every method returns at once, so the same code runs on all ranks.
 
 Durability. ``tensorboardX.SummaryWriter.flush()`` does not drain its event queue: points added
-just before it are often not on disk after it returns (measured: 1 of 5 points visible to
-TensorBoard's reader right after ``flush()``). Here events are written to the event file
+just before it are often not on disk after it returns (TensorBoard's reader misses them
+right after ``flush()``). Here events are written to the event file
 synchronously and ``flush()`` really flushes. Flushes happen every ``flush_secs`` (a daemon
 thread), at ``close()``, at :func:`distrain.ddp.cleanup`, at interpreter exit (also after an
 uncaught exception) and on SIGTERM (what the launcher sends the surviving ranks when another
@@ -83,9 +83,16 @@ def _hparam_value(value: Any) -> bool | int | float | str:
 class TBLogger:
     """A tensorboardX ``SummaryWriter`` on global rank 0; the same API as a no-op elsewhere.
 
-    ``ctx`` is the :class:`distrain.ddp.Context` from ``ddp.init()``. ``purge_step``: on resume,
-    the first step this run logs (earlier points at or after it are dropped by TensorBoard).
-    ``flush_secs``: how often buffered points are written out.
+    Args:
+        log_dir: The directory of the event files.
+        ctx: The worker's context; the current one by default.
+        purge_step: On resume, the first step this run logs (points the previous run logged at
+            or after it are dropped by TensorBoard).
+        flush_secs: How often buffered points are written out.
+
+    Raises:
+        ConfigError: An empty ``log_dir``, a negative ``purge_step`` or a non-positive
+            ``flush_secs``.
     """
 
     def __init__(
