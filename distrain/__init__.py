@@ -24,22 +24,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from distrain.amp import accumulate, autocast, grad_scaler
     from distrain.ckpt.checkpointer import Checkpointer
+    from distrain.collectives import all_reduce_mean, barrier, print0
     from distrain.context import Context
     from distrain.data.loader import build_loader
-    from distrain.ddp import (
-        accumulate,
-        all_reduce_mean,
-        autocast,
-        barrier,
-        cleanup,
-        grad_scaler,
-        init,
-        print0,
-        unwrap,
-        wrap,
-    )
+    from distrain.group import cleanup, init
     from distrain.logging.tensorboard import TBLogger
+    from distrain.wrapping import unwrap, wrap
 
 from distrain.version import __version__ as __version__
 
@@ -48,17 +40,17 @@ _EXPORTS = {
     "Checkpointer": "distrain.ckpt.checkpointer",
     "Context": "distrain.context",
     "TBLogger": "distrain.logging.tensorboard",
-    "accumulate": "distrain.ddp",
-    "all_reduce_mean": "distrain.ddp",
-    "autocast": "distrain.ddp",
-    "barrier": "distrain.ddp",
+    "accumulate": "distrain.amp",
+    "all_reduce_mean": "distrain.collectives",
+    "autocast": "distrain.amp",
+    "barrier": "distrain.collectives",
     "build_loader": "distrain.data.loader",
-    "cleanup": "distrain.ddp",
-    "grad_scaler": "distrain.ddp",
-    "init": "distrain.ddp",
-    "print0": "distrain.ddp",
-    "unwrap": "distrain.ddp",
-    "wrap": "distrain.ddp",
+    "cleanup": "distrain.group",
+    "grad_scaler": "distrain.amp",
+    "init": "distrain.group",
+    "print0": "distrain.collectives",
+    "unwrap": "distrain.wrapping",
+    "wrap": "distrain.wrapping",
 }
 
 __all__ = [
