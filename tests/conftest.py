@@ -48,3 +48,25 @@ def _is_mp_helper(proc: psutil.Process) -> bool:
         return "resource_tracker" in command or "forkserver" in command
     except psutil.Error:
         return False
+
+
+# `make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`). Each module stays on
+# one worker, so its module-scoped fixtures (S3 server, hosts, a SLURM cluster) are built once; the
+# modules that start a Ray cluster run on one worker one after another, as do the SLURM modules
+# (Ray's local cluster and SLURM's daemons are fine alone, never tried side by side).
+_SHARED_GROUPS = {"ray": ("test_ray_",), "slurm": ("test_slurm",)}
+
+
+def _group_of(item: pytest.Item) -> str:
+    module = item.path.name
+    if item.get_closest_marker("ray") is not None:
+        return "ray"
+    for group, prefixes in _SHARED_GROUPS.items():
+        if module.startswith(prefixes):
+            return group
+    return str(item.path)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_group_of(item)))
