@@ -178,9 +178,7 @@ class Snapshots:
                         digest=0, specs=specs, offsets=self._offsets, skeleton=skeleton)
         views = slot.views(meta, data)
         if self._size <= INLINE_BYTES:
-            with torch.no_grad():
-                for view, tensor in zip(views, tensors):
-                    view.copy_(tensor)
+            _copy(views, tensors)
             self._finish(slot, meta, data, [])
             self.wait()
             return
@@ -220,9 +218,7 @@ class Snapshots:
     def _finish(self, slot: Slot, meta: SlotMeta, data: torch.Tensor,
                 later: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         try:
-            with torch.no_grad():
-                for view, tensor in later:
-                    view.copy_(tensor)
+            _copy([view for view, _ in later], [tensor for _, tensor in later])
             meta.digest = digest(data)
             if self._table is None:
                 self._table = meta.table()
@@ -368,6 +364,16 @@ class Snapshots:
                             shutil.rmtree(other, ignore_errors=True)
                 if not any(self.dir.glob("rank-*")):
                     shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """``targets[i].copy_(sources[i])`` for all i, in one call where torch has one."""
+    with torch.no_grad():
+        if targets and all(s.device == t.device for s, t in zip(sources, targets)):
+            torch._foreach_copy_(targets, sources)
+            return
+        for target, source in zip(targets, sources):
+            target.copy_(source)
 
 
 def _optimizer_tensors(objects: dict[str, Any]) -> set[int]:
