@@ -57,14 +57,16 @@ def step_time(root: Path, *, pairs: int) -> dict[str, Any]:
     for name, result in json.loads(out.read_text()).items():
         ratios = sorted(w / wo for w, wo in result["pairs"])
         ratio = statistics.median(ratios)
+        cpu = statistics.median(w / wo for w, wo in result["cpu_pairs"])
         # a snapshot every N steps costs about 1/N of one after every step
         interval = max(1, math.ceil((ratio - 1) / (GOAL_STEP - 1) - 1e-9))
         rows[name] = {"ratio": round(ratio, 3), "state_mb": result["state_mb"],
                       "low": round(ratios[len(ratios) // 4], 3),
                       "high": round(ratios[3 * len(ratios) // 4], 3),
-                      "interval_for_goal": interval}
+                      "interval_for_goal": interval, "cpu_ratio": round(cpu, 3)}
         print(f"  step time {name} ({result['state_mb']} MB of state): snapshot every step / none = "
-              f"{ratio:.3f} (quartiles {rows[name]['low']}-{rows[name]['high']}); a snapshot every "
+              f"{ratio:.3f} (quartiles {rows[name]['low']}-{rows[name]['high']}; CPU time {cpu:.3f}); "
+              "a snapshot every "
               f"{rows[name]['interval_for_goal']} step(s) keeps it under {GOAL_STEP}", flush=True)
     return rows
 
