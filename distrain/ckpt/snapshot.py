@@ -7,10 +7,14 @@
       rank-00001/slot-{0,1,2}.bin|.meta              this rank's ring of three slots
 
 Each rank keeps its own state (objects, JSON values, its RNG) in a ring of preallocated slots.
-``snapshot`` takes the small parts at once and copies the tensors an optimizer owns (parameters
-and optimizer state) in a background thread while the next forward and backward run; the
-optimizer's next ``step`` waits for that copy (a step pre-hook), so the copy is of exactly this
-step's state. Why three slots, not two: under DDP one rank can be a step ahead of another when a
+A small state (up to :data:`INLINE_BYTES`) is copied and committed at once. Of a larger one,
+``snapshot`` takes the parts that may change before the next optimizer step at once and copies
+the tensors an optimizer owns (parameters and optimizer state) in a background thread while the
+next forward and backward run; the optimizer's next ``step`` waits for that copy (a step
+pre-hook), so the copy is of exactly this step's state. It runs after every step, so it does
+nothing per step that it need not: no collective, no allocation, no pickle.
+
+Why three slots, not two: under DDP one rank can be a step ahead of another when a
 rank dies, so the newest state every rank holds complete is the one before; with two slots the
 rank ahead would already be overwriting it.
 
