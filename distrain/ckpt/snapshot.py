@@ -12,7 +12,7 @@ A small state (up to :data:`INLINE_BYTES`) is copied and committed at once. Of a
 the tensors an optimizer owns (parameters and optimizer state) in a background thread while the
 next forward and backward run; the optimizer's next ``step`` waits for that copy (a step
 pre-hook), so the copy is of exactly this step's state. It runs after every step, so it does
-nothing per step that it need not: no collective, no allocation, no pickle.
+nothing per step that it need not: no collective, no new buffers, no pickle.
 
 Why three slots, not two: under DDP one rank can be a step ahead of another when a
 rank dies, so the newest state every rank holds complete is the one before; with two slots the
