@@ -45,6 +45,9 @@ from bench.common import WORKERS, Running, distrain_cmd, load_note, run, torchru
 GOAL_STEP = 1.03
 GOAL_RECOVERY = 0.25
 SAVE_EVERY = 20
+#: Phases of a recovery: (name, recovery_train.py's mark at its end).
+PHASES = (("restart", "started"), ("group", "group"), ("build", "built"), ("load", "loaded"),
+          ("first_step", "time"))
 
 
 def step_time(root: Path, *, pairs: int) -> dict[str, Any]:
@@ -57,19 +60,21 @@ def step_time(root: Path, *, pairs: int) -> dict[str, Any]:
     for name, result in json.loads(out.read_text()).items():
         ratios = sorted(w / wo for w, wo in result["pairs"])
         ratio = statistics.median(ratios)
+        cpu = statistics.median(w / wo for w, wo in result["cpu_pairs"])
         # a snapshot every N steps costs about 1/N of one after every step
         interval = max(1, math.ceil((ratio - 1) / (GOAL_STEP - 1) - 1e-9))
         rows[name] = {"ratio": round(ratio, 3), "state_mb": result["state_mb"],
                       "low": round(ratios[len(ratios) // 4], 3),
                       "high": round(ratios[3 * len(ratios) // 4], 3),
-                      "interval_for_goal": interval}
+                      "interval_for_goal": interval, "cpu_ratio": round(cpu, 3)}
         print(f"  step time {name} ({result['state_mb']} MB of state): snapshot every step / none = "
-              f"{ratio:.3f} (quartiles {rows[name]['low']}-{rows[name]['high']}); a snapshot every "
+              f"{ratio:.3f} (quartiles {rows[name]['low']}-{rows[name]['high']}; CPU time {cpu:.3f}); "
+              "a snapshot every "
               f"{rows[name]['interval_for_goal']} step(s) keeps it under {GOAL_STEP}", flush=True)
     return rows
 
 
-def recovery_once(root: Path, side: str, kill_at: int) -> dict[str, float]:
+def recovery_once(root: Path, side: str, kill_at: int) -> dict[str, Any]:
     ckpt, out = root / f"{side}-{kill_at}-ckpt", root / f"{side}-{kill_at}"
     script = [str(WORKERS / "recovery_train.py"), "--ckpt", str(ckpt), "--out", str(out),
               "--kill-at", str(kill_at), "--save-every", str(SAVE_EVERY),
@@ -79,27 +84,39 @@ def recovery_once(root: Path, side: str, kill_at: int) -> dict[str, float]:
         log=root / f"{side}-{kill_at}.log").check()
     killed = json.loads((out / "kill.json").read_text())
     resumed = json.loads((out / "resumed.json").read_text())
-    return {"recovery_s": resumed["time"] - killed["time"], "lost": killed["step"] - resumed["step"]}
+    phases: dict[str, float] = {}  # where the time went: the launcher's restart, then the new script's phases
+    last = killed["time"]
+    for phase, mark in PHASES:
+        if mark in resumed:
+            phases[phase] = round(resumed[mark] - last, 2)
+            last = resumed[mark]
+    return {"recovery_s": resumed["time"] - killed["time"], "lost": killed["step"] - resumed["step"],
+            "phases": phases}
 
 
 def recovery(root: Path, *, reps: int, rng: random.Random) -> dict[str, Any]:
     """distrain (snapshots) vs torchrun (torch.save): seconds to recover and steps lost."""
-    runs: dict[str, list[dict[str, float]]] = {"distrain": [], "torchrun": []}
+    runs: dict[str, list[dict[str, Any]]] = {"distrain": [], "torchrun": []}
     for rep in range(reps):
         kill_at = rng.randrange(SAVE_EVERY + 2, 2 * SAVE_EVERY)
         for side in (("distrain", "torchrun") if rep % 2 == 0 else ("torchrun", "distrain")):
             runs[side].append(recovery_once(root, side, kill_at))
     result: dict[str, Any] = {}
     for side, found in runs.items():
+        phases = {name: round(statistics.median(r["phases"].get(name, 0.0) for r in found), 2)
+                  for name, _ in PHASES}
         result[side] = {"recovery_s": round(statistics.median(r["recovery_s"] for r in found), 2),
                         "lost_mean": round(statistics.mean(r["lost"] for r in found), 1),
-                        "runs": found}
+                        "phases": phases, "runs": found}
     result["ratio"] = round(result["distrain"]["recovery_s"] / result["torchrun"]["recovery_s"], 3)
     print(f"  recovery from SIGKILL to the next completed step: "
           f"distrain {result['distrain']['recovery_s']}s, "
           f"torchrun {result['torchrun']['recovery_s']}s, ratio {result['ratio']} (goal <= {GOAL_RECOVERY}); "
           f"steps lost per failure: distrain {result['distrain']['lost_mean']}, "
           f"torchrun {result['torchrun']['lost_mean']} (a torch.save every {SAVE_EVERY})", flush=True)
+    for side in ("distrain", "torchrun"):
+        spent = ", ".join(f"{name} {seconds}s" for name, seconds in result[side]["phases"].items())
+        print(f"    {side}: kill -> {spent} (medians)", flush=True)
     return result
 
 

@@ -8,6 +8,8 @@ resumable loader, a durable checkpoint every 50 steps, a snapshot after every st
 from __future__ import annotations
 
 import copy
+import json
+import math
 import os
 import random
 import re
@@ -15,17 +17,23 @@ import shutil
 import signal
 import subprocess
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from bench.fault_trials import identical
 from distrain.ckpt import Checkpointer, CheckpointError
+from distrain.ckpt.rng_cache import RngCache
+from distrain.ckpt.skeleton import decode, encode, encode_state
 from distrain.ckpt.snapshot import Snapshots, run_dir
 from distrain.ckpt.snapshot_files import Slot
+from distrain.ckpt.state import capture_rng
+from distrain.errors import ConfigError
 from tests.helpers import ABORT_LINE, REPO, distrain
 from tests.test_ckpt_store import CTX
 
@@ -132,6 +140,40 @@ def _equal(a: object, b: object) -> bool:
     if isinstance(a, (list, tuple)):
         return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_equal, a, b))
     return a == b
+
+
+def test_the_structure_of_a_state_round_trips_through_json_with_its_types() -> None:
+    state = OrderedDict(a={0: torch.arange(3), 1: (torch.ones(2, 2), [1, 2.5, None, True])},
+                        b={"dtype": torch.float16, "size": torch.Size([2, 3]), "device": torch.device("cpu"),
+                           "raw": b"\x00\xff", "z": 1 + 2j, "nan": float("nan"), "np": np.int64(7),
+                           "set": {3, 4}, "layout": torch.strided, "nested": [[{"k": "v"}]]})
+    tensors: list[torch.Tensor] = []
+    text = json.dumps(encode(state, tensors))
+    back = decode(json.loads(text), tensors)
+    assert type(back) is OrderedDict and list(back) == ["a", "b"]
+    assert list(back["a"]) == [0, 1] and type(back["a"][1]) is tuple
+    assert torch.equal(back["a"][0], torch.arange(3)) and back["a"][1][1] == [1, 2.5, None, True]
+    assert [type(v) for v in back["a"][1][1]] == [int, float, type(None), bool]
+    b = back["b"]
+    assert (b["dtype"], b["size"], b["device"], b["raw"], b["z"]) == \
+        (torch.float16, torch.Size([2, 3]), torch.device("cpu"), b"\x00\xff", 1 + 2j)
+    assert math.isnan(b["nan"]) and b["np"] == 7 and type(b["np"]) is int and b["set"] == {3, 4}
+    assert b["layout"] is torch.strided and b["nested"] == [[{"k": "v"}]]
+    with pytest.raises(ConfigError, match=r"model\.w.*numpy\.ndarray"):
+        encode_state("model", {"w": np.zeros(2)}, [])
+
+
+def test_rng_states_reused_only_while_unchanged() -> None:
+    """A normal draw that returns the cached second value of a pair moves no key: still seen."""
+    cache = RngCache()
+    np.random.seed(5)
+    random.seed(5)
+    draws = [lambda: None, lambda: np.random.normal(), lambda: np.random.normal(),
+             lambda: np.random.randint(9), lambda: random.gauss(0, 1), lambda: random.gauss(0, 1),
+             lambda: random.random(), lambda: torch.rand(1)]
+    for draw in draws * 2:
+        draw()
+        assert _equal(cache.capture(), capture_rng())
 
 
 def _snapshot_forever(root: Path, ready: int) -> None:

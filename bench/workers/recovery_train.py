@@ -7,7 +7,9 @@ distrain import), what a torchrun user writes: rank 0 ``torch.save``s model and 
 
 On the first attempt rank ``--kill-rank`` writes ``out/kill.json`` (time, step) and SIGKILLs
 itself after step ``--kill-at`` (if given). On a later attempt rank 0 writes ``out/resumed.json``:
-the step it resumed from and the time its first step after that completed. Every rank writes its
+the step it resumed from, the time its first step after that completed, and when it started
+(``started``: the script's first line), had its process group (``group``), had built the model
+and optimizer (``built``) and had loaded the state (``loaded``). Every rank writes its
 pid to ``out/pids/attempt<A>-rank<R>`` (the goodput harness kills from those); rank 0 writes
 ``out/done.json`` at the end.
 """
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--kill-rank", type=int, default=1)
     parser.add_argument("--kill-at", type=int, default=None)
     args = parser.parse_args()
+    marks = {"started": time.time()}  # where a recovery's time goes (see resumed.json)
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     work = build("mlp")
     if args.mode == "snapshot":
@@ -79,10 +82,12 @@ def main() -> None:
         from distrain.ckpt import Checkpointer
 
         ctx = ddp.init()
+        marks["group"] = time.time()
         rank = ctx.rank
         model: nn.Module = ddp.wrap(work.model, ctx)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         ckpt = Checkpointer(args.ckpt, ctx, keep_last=1, snapshot_every=1)
+        marks["built"] = time.time()
         step = ckpt.load_latest(model=model, optimizer=optimizer) or 0
     else:
         # torchrun keeps its store across restarts: without keys private to this attempt the new
@@ -91,10 +96,13 @@ def main() -> None:
         store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world))
         dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt_{attempt}", store),
                                 rank=rank, world_size=world)
+        marks["group"] = time.time()
         model = DistributedDataParallel(work.model)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         plain = TorchSave(args.ckpt, rank)
+        marks["built"] = time.time()
         step = plain.load(model.module, optimizer)
+    marks["loaded"] = time.time()
     (args.out / "pids").mkdir(parents=True, exist_ok=True)
     write_json(args.out / "pids" / f"attempt{attempt}-rank{rank}", {"pid": os.getpid()})
     resumed_from, first_done = step, attempt == 0
@@ -108,7 +116,7 @@ def main() -> None:
         optimizer.step()
         step += 1
         if not first_done and rank == 0:
-            write_json(args.out / "resumed.json", {"step": resumed_from, "time": time.time()})
+            write_json(args.out / "resumed.json", {"step": resumed_from, "time": time.time(), **marks})
             first_done = True
         if args.mode == "snapshot":
             ckpt.snapshot(step, model=model, optimizer=optimizer)

@@ -4,8 +4,9 @@ One DDP loop per workload; it runs in alternating chunks of ``--chunk`` steps, w
 ``ckpt.snapshot(step, ...)`` after every step or without (order flipped every pair), so load
 drift on the machine hits both halves of a pair alike. A chunk with snapshots includes waiting
 for its last copy. Rank 0 writes ``{"<workload>": {"pairs": [[with_s, without_s], ...],
-"snapshot_mb": ...}}`` to ``--out``. Workloads: ``digits`` and ``mlp`` (bench/workers/workloads.py)
-and ``large``: a 195 MB MLP (:func:`large`).
+"cpu_pairs": [...], "state_mb": ...}}`` to ``--out``: wall seconds, and rank 0's CPU seconds
+(all its threads), which a machine shared with other jobs distorts less. Workloads: ``digits``
+and ``mlp`` (bench/workers/workloads.py) and ``large``: a 195 MB MLP (:func:`large`).
 """
 
 from __future__ import annotations
@@ -71,28 +72,30 @@ def compare(work: Workload, ctx: ddp.Context, root: Path, *, pairs: int, chunk: 
     snap = [False]
     steps = training(work, ctx, ckpt, snap)
 
-    def run(with_snapshots: bool) -> float:
+    def run(with_snapshots: bool) -> tuple[float, float]:
+        """Wall and CPU seconds (this process, all threads) of one chunk."""
         snap[0] = with_snapshots
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(chunk):
             next(steps)
         ckpt.wait()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     run(True)  # warm-up, both ways (the first snapshot allocates its slots)
     run(False)
-    seconds = []
+    seconds, cpu = [], []
     for pair in range(pairs):
         if pair % 2 == 0:
             without, with_ = run(False), run(True)
         else:
             with_, without = run(True), run(False)
-        seconds.append([with_, without])
+        seconds.append([with_[0], without[0]])
+        cpu.append([with_[1], without[1]])
     size = sum(p.numel() * p.element_size() for p in work.model.parameters())
     steps.close()  # type: ignore[attr-defined]
     ckpt.wait()
     remove(root / work.name)  # this workload's snapshots: the next one takes the room
-    return {"pairs": seconds, "state_mb": round(2 * size / 2**20, 1)}  # weights + momentum
+    return {"pairs": seconds, "cpu_pairs": cpu, "state_mb": round(2 * size / 2**20, 1)}  # weights + momentum
 
 
 def main() -> None:

@@ -7,10 +7,14 @@
       rank-00001/slot-{0,1,2}.bin|.meta              this rank's ring of three slots
 
 Each rank keeps its own state (objects, JSON values, its RNG) in a ring of preallocated slots.
-``snapshot`` takes the small parts at once and copies the tensors an optimizer owns (parameters
-and optimizer state) in a background thread while the next forward and backward run; the
-optimizer's next ``step`` waits for that copy (a step pre-hook), so the copy is of exactly this
-step's state. Why three slots, not two: under DDP one rank can be a step ahead of another when a
+A small state (up to :data:`INLINE_BYTES`) is copied and committed at once. Of a larger one,
+``snapshot`` takes the parts that may change before the next optimizer step at once and copies
+the tensors an optimizer owns (parameters and optimizer state) in a background thread while the
+next forward and backward run; the optimizer's next ``step`` waits for that copy (a step
+pre-hook), so the copy is of exactly this step's state. It runs after every step, so it does
+nothing per step that it need not: no collective, no new buffers, no pickle.
+
+Why three slots, not two: under DDP one rank can be a step ahead of another when a
 rank dies, so the newest state every rank holds complete is the one before; with two slots the
 rank ahead would already be overwriting it.
 
@@ -38,15 +42,19 @@ import torch
 import torch.distributed as dist
 
 from distrain.ckpt.convert import is_fsdp
-from distrain.ckpt.snapshot_files import Slot, SlotMeta, crc, flatten, layout, unflatten
-from distrain.ckpt.state import capture_rng, restore_object, restore_rank_rng, snapshot, state_of
+from distrain.ckpt.rng_cache import RngCache
+from distrain.ckpt.skeleton import decode, encode, encode_state
+from distrain.ckpt.snapshot_files import Slot, SlotMeta, Spec, digest, layout, specs_of
+from distrain.ckpt.state import restore_object, restore_rank_rng, state_of
 from distrain.ckpt.store import CheckpointError
 from distrain.errors import ConfigError
+from distrain.wrapping import unwrap
 
 if TYPE_CHECKING:
     from distrain.context import Context
 
 SLOTS = 3
+INLINE_BYTES = 1 << 20  # states up to this size are copied at once, without the copier thread
 PREFIX = "distrain-snapshots-"
 _MIB = 2**20
 
@@ -122,6 +130,12 @@ class Snapshots:
         self._hooks: list[Any] = []
         self._checked = False
         self._taking = 0
+        self._rng = RngCache()
+        self._specs: tuple[Spec, ...] | None = None  # the layout of the last snapshot's tensors
+        self._offsets: list[int] = []
+        self._size = 0
+        self._table: str | None = None  # the meta file's tensor table for self._specs
+        self._plain: dict[int, Any] = {}  # objects checked not to be FSDP (kept: ids stay unique)
         if ctx.local_rank == 0 and base_dir().is_dir():
             sweep(base_dir())
         # Also a script that drops its Checkpointer and never calls cleanup ends clean: the
@@ -131,34 +145,55 @@ class Snapshots:
     # -- taking -------------------------------------------------------------------------
 
     def take(self, step: int, objects: dict[str, Any], kinds: dict[str, str]) -> None:
-        """Start the snapshot of ``step`` (returns once the state that may change is copied)."""
+        """Start the snapshot of ``step`` (returns once the state that may change is copied).
+
+        Small states are copied, digested and committed here and now (handing them to a thread
+        costs more than the copy); larger ones leave the optimizer's tensors to the copier."""
         self.wait()
-        if any(is_fsdp(obj) for obj in objects.values()):
-            raise ConfigError("snapshot of an FSDP model", "FSDP", "a DDP or plain model",
-                              "use durable checkpoints (ckpt.save) for FSDP runs for now")
-        states: dict[str, Any] = {}
-        for name, obj in objects.items():
-            state = state_of(obj, kinds[name])
-            states[name] = json.loads(json.dumps(state)) if kinds[name] == "json" else \
-                snapshot(state, copy=False, where=name)
+        for obj in objects.values():
+            if id(obj) not in self._plain:  # checked once per object (it walks the modules)
+                if is_fsdp(obj):
+                    raise ConfigError("snapshot of an FSDP model", "FSDP", "a DDP or plain model",
+                                      "use durable checkpoints (ckpt.save) for FSDP runs for now")
+                self._plain[id(obj)] = obj
         tensors: list[torch.Tensor] = []
-        skeleton = flatten({"objects": states, "kinds": kinds, "rng": capture_rng()}, tensors)
-        offsets, size = layout(tensors)
+        states = []
+        for name, obj in objects.items():
+            kind = kinds[name]
+            if kind == "module":  # keep_vars: no detach per tensor; copied under no_grad
+                state = unwrap(obj).state_dict(keep_vars=True)
+            elif kind == "json":  # as a durable checkpoint keeps it (a JSON round trip)
+                state = json.loads(json.dumps(obj))
+            else:
+                state = state_of(obj, kind)
+            states += [name, encode_state(name, state, tensors)]
+        skeleton = ["d", ["objects", ["d", states], "kinds", encode(kinds, tensors),
+                          "rng", encode(self._rng.capture(), tensors)]]
+        specs = specs_of(tensors)
+        if specs != self._specs:
+            self._specs, (self._offsets, self._size) = specs, layout(specs)
+            self._table = None
         if not self._checked:
-            self._check_room(size)
+            self._check_room(self._size)
         slot = self._pick()
         slot.invalidate()
-        data = slot.allocate(size)
-        meta = SlotMeta(step=step, world_size=self.ctx.world_size, rank=self.ctx.rank, size=size,
-                        crc=0, offsets=offsets, skeleton=skeleton)
+        data = slot.allocate(self._size)
+        meta = SlotMeta(step=step, world_size=self.ctx.world_size, rank=self.ctx.rank, size=self._size,
+                        digest=0, specs=specs, offsets=self._offsets, skeleton=skeleton)
         views = slot.views(meta, data)
+        if self._size <= INLINE_BYTES:
+            _copy(views, tensors)
+            self._finish(slot, meta, data, [])
+            self.wait()
+            return
         guarded = _optimizer_tensors(objects)
         later = []
-        for view, tensor in zip(views, tensors):
-            if tensor.untyped_storage().data_ptr() in guarded:
-                later.append((view, tensor))
-            else:  # may change before the next optimizer step (buffers, RNG): copy now
-                view.copy_(tensor)
+        with torch.no_grad():
+            for view, tensor in zip(views, tensors):
+                if tensor.untyped_storage().data_ptr() in guarded:
+                    later.append((view, tensor))
+                else:  # may change before the next optimizer step (buffers, RNG): copy now
+                    view.copy_(tensor)
         self._hook(objects)
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._serve, name="distrain-snapshot", daemon=True)
@@ -187,10 +222,11 @@ class Snapshots:
     def _finish(self, slot: Slot, meta: SlotMeta, data: torch.Tensor,
                 later: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         try:
-            for view, tensor in later:
-                view.copy_(tensor)
-            meta.crc = crc(data)
-            slot.commit(meta)
+            _copy([view for view, _ in later], [tensor for _, tensor in later])
+            meta.digest = digest(data)
+            if self._table is None:
+                self._table = meta.table()
+            slot.commit(meta, self._table)
             if self._steps is not None:
                 self._steps[self._taking] = meta.step
         except BaseException as error:  # raised by wait(), in the training thread
@@ -284,7 +320,11 @@ class Snapshots:
         tensors = slot.read(meta) if meta is not None else None
         if meta is None or tensors is None:
             raise CheckpointError(f"snapshot step {step} in {slot.data_path.parent} changed while loading")
-        state = unflatten(meta.skeleton, tensors)
+        try:
+            state = decode(meta.skeleton, tensors)
+        except (IndexError, KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"snapshot step {step} in {slot.data_path.parent} is damaged: {error}") \
+                from error
         saved = state["objects"]
         missing = sorted(set(objects) - set(saved))
         if missing:
@@ -328,6 +368,16 @@ class Snapshots:
                             shutil.rmtree(other, ignore_errors=True)
                 if not any(self.dir.glob("rank-*")):
                     shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """``targets[i].copy_(sources[i])`` for all i, in one call where torch has one."""
+    with torch.no_grad():
+        if targets and all(s.device == t.device for s, t in zip(sources, targets)):
+            torch._foreach_copy_(targets, sources)
+            return
+        for target, source in zip(targets, sources):
+            target.copy_(source)
 
 
 def _optimizer_tensors(objects: dict[str, Any]) -> set[int]:
