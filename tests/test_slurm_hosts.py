@@ -99,6 +99,7 @@ def test_ray_template_starts_ray_on_both_hosts_trains_digits_and_stops_ray(
     job_id, here = _submit(cluster, hosts, "ray", DIGITS, "--epochs", "1", script=RAY, env=env)
     info = cluster.wait_ended(job_id, timeout=420)
     text = (here / f"distrain-ray-{job_id}.out").read_text()
+    print(text)  # the job's output, for docs/slurm.md (pytest -rP shows it)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text)
     assert "2 Ray nodes up: host0 (10.211.0.1), host1 (10.211.0.2)" in text, text
     assert "distrain: attempt 0: 2 workers" in text and "world_size  2" in text, text
