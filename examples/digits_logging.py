@@ -42,6 +42,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-dir", default="runs/digits-logging")
+    parser.add_argument("--ckpt", default=None,
+                        help="checkpoints: a directory or a store URL (s3://bucket/run); "
+                             "default RUN_DIR/ckpt")
     parser.add_argument("--log-every", type=int, default=10, help="steps between TensorBoard points")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this global step")
     return parser.parse_args()
@@ -74,7 +77,7 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * len(train_loader))
 
-    ckpt = Checkpointer(run_dir / "ckpt", ctx, keep_last=2)
+    ckpt = Checkpointer(args.ckpt or run_dir / "ckpt", ctx, keep_last=2)
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "loader": train_loader}
     step = ckpt.load_latest(**state) or 0
     if step:

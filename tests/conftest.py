@@ -16,6 +16,17 @@ WATCHED_PREFIXES = ("RANK", "LOCAL_", "WORLD_SIZE", "GROUP_", "ROLE_", "MASTER_"
                     "DISTRAIN_", "RAY_ADDRESS")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def no_outer_slurm() -> Iterator[None]:
+    """The suite may itself run in a SLURM job (CI on a cluster): its SLURM_* variables would make
+    every in-process ``parse_launch_args`` and every child ``distrain launch`` take SLURM's
+    defaults. The SLURM tests give their jobs the variables of their own test cluster."""
+    with pytest.MonkeyPatch.context() as patch:
+        for key in [k for k in os.environ if k.startswith("SLURM_")]:
+            patch.delenv(key)
+        yield
+
+
 def _watched_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(WATCHED_PREFIXES)}
 

@@ -28,9 +28,10 @@ def free_port() -> int:
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for a child: no inherited distributed variables, repo importable."""
+    """The environment for a child: no inherited distributed variables (nor SLURM's, when the
+    suite itself runs in a SLURM job), repo importable; ``extra`` on top."""
     env = {k: v for k, v in os.environ.items()
-           if (k == "PET_START_METHOD" or not k.startswith(("PET_", "TORCHELASTIC_"))) and k not in
+           if (k == "PET_START_METHOD" or not k.startswith(("PET_", "TORCHELASTIC_", "SLURM_"))) and k not in
            ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
             "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))

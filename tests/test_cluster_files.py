@@ -128,13 +128,19 @@ def test_sbatch_scripts_pass_bash_n(name: str) -> None:
 
 
 def test_slurm_ray_script_starts_ray_on_every_node_then_launches_with_ray() -> None:
+    """The command lines; tests/test_slurm_hosts.py submits the script to a 2-host SLURM."""
     path = CLUSTER / "slurm-ray.sbatch"
+    node = _shell_command(path, "ray start")
+    assert "--block" in node and '--num-gpus="$GPUS_PER_NODE"' in node
     head = _shell_command(path, 'srun --nodes=1 --ntasks=1 -w "$HEAD" \\')
-    assert "ray start --head" in head and "--block" in head
+    assert "ray_node --head" in head
     text = path.read_text()
-    assert 'ray start --address="$RAY_ADDRESS"' in text and 'for node in "${NODES[@]:1}"' in text
-    args = _launch_args(_shell_command(path, "distrain launch"), {
-        "RAY_ADDRESS": "10.0.0.1:6379", "SLURM_JOB_NUM_NODES": "2", "GPUS_PER_NODE": "4",
+    assert 'ray_node --address="$RAY_ADDRESS"' in text and 'for node in "${NODES[@]:1}"' in text
+    assert "trap stop_ray EXIT" in text and "ray stop" not in text.replace("`ray stop`", "")
+    launch = _shell_command(path, "distrain launch").replace(
+        '"${per_rank[@]}"', "--cpus-per-worker 8 --gpus-per-worker 1")
+    args = _launch_args(launch, {
+        "RAY_ADDRESS": "10.0.0.1:6379", "SLURM_JOB_NUM_NODES": "2", "NPROC": "4",
         "RUN_DIR": "/shared/run", "SCRIPT": "train.py", "@": "--epochs"})
     assert args.launcher == "ray" and args.ray_address == "10.0.0.1:6379"
     assert args.nnodes == "1:2" and args.nproc_per_node == "4" and args.max_restarts == 3

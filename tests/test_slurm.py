@@ -49,7 +49,9 @@ def _wait_files(paths: list[Path], cluster: SlurmCluster, job_id: str, timeout: 
 
 def test_srun_distrain_env_shows_what_slurm_said(cluster: SlurmCluster, tmp_path: Path) -> None:
     script = tmp_path / "env.sbatch"
-    script.write_text("#!/bin/bash\nset -e\ndistrain env\nsrun --ntasks=1 distrain env\n")
+    # the batch shell, a step, and a rank that a launcher in a step started
+    script.write_text("#!/bin/bash\nset -e\ndistrain env\nsrun --ntasks=1 distrain env\n"
+                      "srun --ntasks=1 distrain launch --no-python distrain env\n")
     job_id = cluster.sbatch(script, options=["--ntasks-per-node=2", "-o", "env-%j.out"], cwd=tmp_path)
     info = cluster.wait_ended(job_id)
     text = (tmp_path / f"env-{job_id}.out").read_text()
@@ -61,6 +63,10 @@ def test_srun_distrain_env_shows_what_slurm_said(cluster: SlurmCluster, tmp_path
     assert "slurm nproc-per-node  2 (SLURM_NTASKS_PER_NODE)" in text
     assert "slurm nproc-per-node  not set by SLURM (launcher default)" in text
     assert "slurm rendezvous      one node: private store on a free port" in text
+    # the rank's SLURM_* are its launcher's task's: a nested launch takes nothing from them
+    rank_rows = [line.split(None, 1) for line in text.splitlines() if line.startswith("[rank0]:slurm")]
+    assert rank_rows == [["[rank0]:slurm", "nothing taken: not in a SLURM job, or a rank (its launcher "
+                                           "took them)"]], text
 
 
 def test_c10d_template_trains_the_digits_example_to_completion(cluster: SlurmCluster,

@@ -94,3 +94,14 @@ def test_requeue_is_bounded_by_the_restart_count() -> None:
         decide({}, 2)
     result = distrain("requeue", "--max", "1", env={"SLURM_JOB_ID": "5", "SLURM_RESTART_COUNT": "1"})
     assert result.returncode == 3 and "job 5 not requeued: it already restarted 1 times" in result.stderr
+
+
+def test_a_rank_inside_a_job_takes_nothing_from_slurm() -> None:
+    """A rank's SLURM_* are its launcher's task's (SLURM_PROCID is the node's): a nested
+    ``distrain launch`` in a rank must not join the outer job's rendezvous."""
+    rank = {**STEP, "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "12", "MASTER_ADDR": "gpu07",
+            "MASTER_PORT": "29500"}
+    assert detect(rank) is None
+    args = parse_launch_args(["train.py"], environ=rank)
+    assert (args.nnodes, args.node_rank, args.rdzv_backend) == ("1", 0, "static")
+    assert describe(None)[0][1].startswith("nothing taken: not in a SLURM job, or a rank")

@@ -26,6 +26,9 @@ RENDEZVOUS_DESTS = ("node_rank", "master_addr", "master_port", "rdzv_backend", "
 PORT_BASE = 15000
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 _COUNT = re.compile(r"^(\d+)")
+# Set for every rank a launcher starts (torchrun's contract). SLURM's variables there are those of
+# the launcher's task (SLURM_PROCID is the node's, not the rank's): a nested launch ignores them.
+RANK_KEYS = ("RANK", "LOCAL_RANK")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,7 +85,10 @@ def _count(text: str | None) -> int | None:
 
 
 def detect(environ: Mapping[str, str]) -> SlurmJob | None:
-    """The job this process runs in, or None outside SLURM (no ``SLURM_JOB_ID``)."""
+    """The job this process runs in, or None outside SLURM (no ``SLURM_JOB_ID``) and in a rank
+    that a launcher started (``RANK`` and ``LOCAL_RANK`` set)."""
+    if all(key in environ for key in RANK_KEYS):
+        return None
     job_id = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID")
     nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
     if not job_id or not nodelist:
@@ -160,7 +166,7 @@ def apply_slurm_defaults(parser: argparse.ArgumentParser, argv: Sequence[str],
 def describe(job: SlurmJob | None) -> list[tuple[str, str]]:
     """Rows for ``distrain env``: what ``distrain launch`` takes from SLURM here."""
     if job is None:
-        return [("slurm", "not in a SLURM job")]
+        return [("slurm", "nothing taken: not in a SLURM job, or a rank (its launcher took them)")]
     defaults = launch_defaults(job, set())
     rows = [("slurm job", job.job_id + (f" (restart {job.restart_count})" if job.restart_count else "")),
             ("slurm nodes", f"{job.nnodes}: {','.join(job.nodes)}"),
