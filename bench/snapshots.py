@@ -130,8 +130,10 @@ def newest_pids(out: Path) -> list[int]:
 
 
 def goodput_once(root: Path, side: str, *, steps: int, kill_every: float | None,
-                 rng: random.Random) -> dict[str, float]:
-    """Wall time of one run (and how many kills landed), with a kill every ``kill_every`` s."""
+                 rng: random.Random, give_up_after: float | None = None) -> dict[str, Any]:
+    """Wall time of one run (and how many kills landed), with a kill every ``kill_every`` s.
+    ``give_up_after``: seconds after which a run with faults is stopped (``wall_s`` None): a
+    launcher whose restart outlasts the interval between kills never gets to the end."""
     name = f"goodput-{side}-{'faults' if kill_every else 'clean'}"
     ckpt, out = root / f"{name}-ckpt", root / name
     script = [str(WORKERS / "recovery_train.py"), "--ckpt", str(ckpt), "--out", str(out),
@@ -144,6 +146,9 @@ def goodput_once(root: Path, side: str, *, steps: int, kill_every: float | None,
     try:
         next_kill = time.time() + (kill_every or 0)
         while kill_every and running.alive():
+            if give_up_after is not None and time.time() - running.started > give_up_after:
+                running.kill()
+                return {"wall_s": None, "kills": kills}
             if time.time() >= next_kill:
                 pids = newest_pids(out)
                 if pids:
@@ -160,15 +165,21 @@ def goodput_once(root: Path, side: str, *, steps: int, kill_every: float | None,
 
 
 def goodput(root: Path, *, steps: int, kill_every: float, rng: random.Random) -> dict[str, Any]:
+    """Clean wall time / wall time with faults, per side; a run with faults that takes more than
+    four times its clean run is stopped, and its goodput reported as below 0.25."""
     result: dict[str, Any] = {"steps": steps, "kill_every_s": kill_every}
     for side in ("distrain", "torchrun"):
         clean = goodput_once(root, side, steps=steps, kill_every=None, rng=rng)
-        faulty = goodput_once(root, side, steps=steps, kill_every=kill_every, rng=rng)
+        faulty = goodput_once(root, side, steps=steps, kill_every=kill_every, rng=rng,
+                              give_up_after=4 * clean["wall_s"])
+        figure = round(clean["wall_s"] / faulty["wall_s"], 3) if faulty["wall_s"] else None
         result[side] = {"clean_s": clean["wall_s"], "faults_s": faulty["wall_s"], "kills": faulty["kills"],
-                        "goodput": round(clean["wall_s"] / faulty["wall_s"], 3)}
-    print(f"  goodput, a worker killed every {kill_every:g}s: distrain {result['distrain']['goodput']} "
+                        "goodput": figure, "stopped": figure is None}
+    shown = {side: "<0.25 (stopped)" if result[side]["stopped"] else result[side]["goodput"]
+             for side in ("distrain", "torchrun")}
+    print(f"  goodput, a worker killed every {kill_every:g}s: distrain {shown['distrain']} "
           f"({result['distrain']['kills']} kills, {result['distrain']['clean_s']}s clean, "
-          f"{result['distrain']['faults_s']}s with faults), torchrun {result['torchrun']['goodput']} "
+          f"{result['distrain']['faults_s']}s with faults), torchrun {shown['torchrun']} "
           f"({result['torchrun']['kills']} kills, {result['torchrun']['clean_s']}s clean, "
           f"{result['torchrun']['faults_s']}s with faults)", flush=True)
     return result
