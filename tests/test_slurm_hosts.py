@@ -100,7 +100,9 @@ def test_ray_template_starts_ray_on_both_hosts_trains_digits_and_stops_ray(
     info = cluster.wait_ended(job_id, timeout=420)
     text = (here / f"distrain-ray-{job_id}.out").read_text()
     print(text)  # the job's output, for docs/slurm.md (pytest -rP shows it)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text)
+    ray_logs = "".join(f"\n--- {p}:\n{p.read_text()[-3000:]}" for host in hosts[:2]
+                       for p in host.disk.glob(f"ray/runs/{job_id}/ray-*.log"))
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text, ray_logs)
     assert "2 Ray nodes up: host0 (10.211.0.1), host1 (10.211.0.2)" in text, text
     assert "distrain: attempt 0: 2 workers" in text and "world_size  2" in text, text
     assert "epoch 0: step 23" in text and "distrain-ray: Ray stopped on host0 host1" in text, text
