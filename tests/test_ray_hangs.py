@@ -15,9 +15,13 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest
 
+from tests import test_ray_launch
 from tests.helpers import REPO, assert_workers_gone
 from tests.scripts.ray_harness import Launcher, LoopbackCluster
-from tests.test_ray_launch import cluster, no_leaks  # noqa: F401 - the module's fixtures
+
+# test_ray_launch's fixtures: this module's own loopback cluster, and its leak check.
+cluster = test_ray_launch.cluster
+no_leaks = test_ray_launch.no_leaks
 
 pytestmark = pytest.mark.ray
 SCRIPT = REPO / "tests" / "scripts" / "hang_train.py"
