@@ -19,8 +19,8 @@ from distrain.heartbeat import COLLECTED, Beat
 from distrain.launchers.stack_collect import DUMP_WAIT_S, PY_SPY_TIMEOUT_S, RankStacks, collect
 from distrain.launchers.watchdog import current_beats
 
-BEAT_WAIT_S = 2.0  # an actor that does not answer in this time is left out of this reading
-COLLECT_SLACK_S = 10.0  # beyond a rank's own bound: the round trip through Ray, a busy node
+BEAT_WAIT_S = 2.0  # an actor slower than this to answer keeps its previous reading
+COLLECT_SLACK_S = 30.0  # beyond a rank's own bound: the round trip through Ray, a busy node
 
 
 # ------------------------------------------------------------------------------ in the actor
@@ -56,15 +56,20 @@ class RayRanks:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._actors: tuple[Any, ...] = ()
+        # The last reading of each rank: a busy actor's late answer must not drop its rank from
+        # the watch (a missing rank would look like progress, or leave the stuck rank unnamed).
+        self._last: dict[int, Beat] = {}
 
     def attach(self, actors: Sequence[Any]) -> None:
         """The started attempt's actors, by rank."""
         with self._lock:
             self._actors = tuple(actors)
+            self._last = {}
 
     def detach(self) -> None:
         with self._lock:
             self._actors = ()
+            self._last = {}
 
     def _by_rank(self) -> tuple[Any, ...]:
         with self._lock:
@@ -74,7 +79,15 @@ class RayRanks:
         actors = self._by_rank()
         answers = _gather({actor.beat.remote(): rank for rank, actor in enumerate(actors)},
                           BEAT_WAIT_S)
-        return {rank: beat for rank, beat in answers.items() if isinstance(beat, Beat)}
+        with self._lock:
+            if actors is not self._actors:
+                return {}  # the attempt ended while we asked
+            for rank, beat in answers.items():
+                if isinstance(beat, Beat):
+                    self._last[rank] = beat
+                else:  # no live rank behind this actor (not started, or exited)
+                    self._last.pop(rank, None)
+            return dict(self._last)
 
     def collect(self, beats: dict[int, Beat], *, native: bool = True) -> dict[int, RankStacks]:
         actors = self._by_rank()
