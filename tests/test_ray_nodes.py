@@ -24,6 +24,7 @@ import pytest
 from tests.helpers import PYTHON, REPO, child_env
 from tests.hosts import Host, hosts_or_skip
 from tests.nodes_launch import collect, make_bucket, start_s3, stop
+from tests.scripts.ray_harness import describe, processes_mentioning
 
 pytestmark = pytest.mark.ray
 SCRIPTS = REPO / "tests" / "scripts"
@@ -86,7 +87,9 @@ def ray_hosts() -> Iterator[RayHosts]:
             for host in hosts[:2]:
                 host.wait_no_processes()
             hosts[2].stop_daemon(server)
+    leftovers = processes_mentioning(temp_dir)  # a raylet, GCS or worker that escaped its host
     shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not leftovers, f"Ray processes outlived the hosts: {describe(leftovers)}"
 
 
 def ray_launch(ray_hosts: RayHosts, *args: str) -> Any:
