@@ -16,7 +16,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import pytest
 
 from tests import test_ray_launch
-from tests.helpers import REPO, assert_workers_gone
+from tests.helpers import REPO, assert_workers_gone, distrain
 from tests.scripts.ray_harness import Launcher, LoopbackCluster
 
 # test_ray_launch's fixtures: this module's own loopback cluster, and its leak check.
@@ -70,8 +70,15 @@ def test_a_hung_ray_group_restarts_and_completes(cluster: LoopbackCluster, tmp_p
     launch = Launcher(cluster, "--num-workers", "2", "--hang-timeout", "10", "--max-restarts", "1",
                       str(SCRIPT), "--hang-rank", "1", "--hang-step", "5", "--steps", "8",
                       "--ckpt", str(tmp_path / "ckpt"), "--pids", str(pids))
+    launch.wait_for("HANGING NOW", 1, BOUND_S)
+    # On demand, while it hangs: `distrain stacks` signals the Ray launcher, which prints them.
+    asked = distrain("stacks", str(launch.proc.pid), timeout=60)
+    assert asked.returncode == 0 and "runs on Ray" in asked.stderr, asked.stderr
+    launch.wait_for("distrain: stacks of every rank", 1, 60)
     assert launch.finish(BOUND_S) == 0, launch.text()
     text = launch.text()
+    dump = text[text.index("distrain: stacks of every rank"):]
+    assert "--- rank 0 " in dump and "--- rank 1 " in dump and "hang_train.py" in dump, dump
     assert "stuck: rank 1 " in text and "restarting it (1 of 1)" in text, text
     assert "finished 8 steps (attempt 1)" in text, text
     assert_workers_gone(pids)
