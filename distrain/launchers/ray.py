@@ -108,6 +108,7 @@ class RayLauncher(Launcher):
             plan = dataclasses.replace(plan, base_env={**plan.base_env, **watch.environ()})
             attempt = 0
             while True:
+                watch.diagnosis = ""  # only this attempt's hang explains this attempt's failure
                 try:
                     outcome = self._attempt(config, plan, attempt, run_id, run_dir, stop,
                                             join_timeout, payload, ranks)

@@ -210,7 +210,9 @@ class HangWatch:
             if attempt not in fired and any(b.phase == "collective timeout" for b in beats.values()):
                 fired.add(attempt)
                 self._on_collective_timeout(beats, attempt)
-            armed = any(count > 0 for count in events.values())
+            # Armed from the first progress until every rank has finished (a slow exit is no hang).
+            armed = any(count > 0 for count in events.values()) and \
+                any(beat.phase != "finished" for beat in beats.values())
             stalled = time.monotonic() - last_progress
             if self.hang_timeout > 0 and armed and attempt not in fired \
                     and stalled > self.hang_timeout:
