@@ -63,32 +63,34 @@ def ray_hosts() -> Iterator[RayHosts]:
     # One short path (Ray's socket paths are length-limited) with each host's own disk mounted
     # over it inside that host.
     temp_dir = tempfile.mkdtemp(prefix="drn-", dir="/tmp")
-    with hosts_or_skip(3) as hosts:
-        server, s3_env = start_s3(hosts[2])
-        try:
-            # Token authentication as `ray start` has it on: the token given to every node and
-            # the driver by the environment (not ~/.ray, which these hosts would share).
-            env = {**s3_env, "OUT_DIR": str(hosts[0].workdir / "out"), "RAY_AUTH_MODE": "token",
-                   "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-            for host in hosts[:2]:
-                (host.disk / "ray").mkdir()
-                host.run(["mount", "--bind", str(host.workdir / "ray"), temp_dir], check=True)
-            port = hosts[0].free_port()
-            _ray_start(hosts[0], temp_dir, env, "--head", f"--port={port}",
-                       "--include-dashboard=false", f"--system-config={SYSTEM_CONFIG}")
-            address = f"{hosts[0].address}:{port}"
-            # Returns once host1's node is registered with the head (the first test's fixed-size
-            # reservation would wait for it anyway).
-            _ray_start(hosts[1], temp_dir, env, f"--address={address}")
-            yield RayHosts(hosts=hosts, address=address, env=env)
-        finally:
-            for host in hosts[:2]:
-                host.kill_all()  # the raylet, GCS, workers: what `ray stop` would stop, here only
-            for host in hosts[:2]:
-                host.wait_no_processes()
-            hosts[2].stop_daemon(server)
-    leftovers = processes_mentioning(temp_dir)  # a raylet, GCS or worker that escaped its host
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    try:
+        with hosts_or_skip(3) as hosts:
+            server, s3_env = start_s3(hosts[2])
+            try:
+                # Token authentication as `ray start` has it on: the token given to every node and
+                # the driver by the environment (not ~/.ray, which these hosts would share).
+                env = {**s3_env, "OUT_DIR": str(hosts[0].workdir / "out"), "RAY_AUTH_MODE": "token",
+                       "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+                for host in hosts[:2]:
+                    (host.disk / "ray").mkdir()
+                    host.run(["mount", "--bind", str(host.workdir / "ray"), temp_dir], check=True)
+                port = hosts[0].free_port()
+                _ray_start(hosts[0], temp_dir, env, "--head", f"--port={port}",
+                           "--include-dashboard=false", f"--system-config={SYSTEM_CONFIG}")
+                address = f"{hosts[0].address}:{port}"
+                # Returns once host1's node is registered with the head (the first test's fixed-size
+                # reservation would wait for it anyway).
+                _ray_start(hosts[1], temp_dir, env, f"--address={address}")
+                yield RayHosts(hosts=hosts, address=address, env=env)
+            finally:
+                for host in hosts[:2]:
+                    host.kill_all()  # the raylet, GCS, workers: what `ray stop` would stop, here only
+                for host in hosts[:2]:
+                    host.wait_no_processes()
+                hosts[2].stop_daemon(server)
+        leftovers = processes_mentioning(temp_dir)  # a raylet, GCS or worker that escaped its host
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert not leftovers, f"Ray processes outlived the hosts: {describe(leftovers)}"
 
 
