@@ -11,7 +11,8 @@ rank (SIGTERM, ``--term-timeout`` grace, SIGKILL), removes the placement group a
 which rank failed, where, and its last lines. ``--max-restarts N`` starts a fresh group on the
 nodes still alive, elastic between ``--nnodes MIN:MAX`` (in steps of ``--nproc-per-node``) or
 ``--num-workers MIN:MAX`` workers. Modules: ``ray_session`` (connect, ship code),
-``ray_group`` (one attempt), ``ray_worker`` (the actor), ``ray_output`` (console and files).
+``ray_group`` (one attempt), ``ray_worker`` (the actor), ``ray_output`` (console and files),
+``ray_watch`` (``--hang-timeout`` and stacks, through the actors).
 """
 
 from __future__ import annotations
