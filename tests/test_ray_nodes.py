@@ -30,6 +30,7 @@ pytestmark = pytest.mark.ray
 SCRIPTS = REPO / "tests" / "scripts"
 RAY = str(Path(PYTHON).parent / "ray")
 START_BOUND_S = 120
+RECOVERY_BOUND_S = 200  # from the kill to the end of the run: start-up on a loaded machine
 # Ray's own health check declares a lost node dead after period x threshold; its default
 # (3 s x 5) would let a restart see the lost node's CPUs as still there.
 SYSTEM_CONFIG = json.dumps({"health_check_period_ms": 500, "health_check_failure_threshold": 4})
@@ -140,7 +141,7 @@ def steps_logged(hosts: list[Host]) -> list[dict[str, Any]]:
     return found
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(400)
 def test_losing_a_ray_host_restarts_the_group_on_the_survivor(ray_hosts: RayHosts) -> None:
     """Runs last: host1's Ray is gone afterwards."""
     hosts = ray_hosts.hosts
@@ -157,7 +158,8 @@ def test_losing_a_ray_host_restarts_the_group_on_the_survivor(ray_hosts: RayHost
             time.sleep(0.1)
         killed_at = time.monotonic()
         assert hosts[1].kill_all(), "nothing ran on host1"
-        [(code, out)] = collect([launcher], timeout=START_BOUND_S)
+        # 68-94 s here at load average ~20; a restart under heavier load takes longer.
+        [(code, out)] = collect([launcher], timeout=RECOVERY_BOUND_S)
         finished = time.monotonic() - killed_at
     finally:
         stop([launcher])
