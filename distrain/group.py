@@ -224,6 +224,7 @@ def cleanup(*, synchronize: bool | None = None) -> None:
     release_wrappers()
     gc.collect()
     clear_current()
+    stacks.finished()  # the hang watch stops expecting progress from this rank
     if not (dist.is_available() and dist.is_initialized()):
         return
     if synchronize:

@@ -24,7 +24,7 @@ SIZE = 256
 
 # What a rank is doing, as the heartbeat records it.
 PHASES = ("starting", "running", "forward", "backward", "data loading", "collective",
-          "checkpoint", "collective timeout")
+          "checkpoint", "collective timeout", "finished")
 COLLECTED = "collected-attempt{attempt}"  # the launcher's note that it has every rank's stacks
 PHASE_CODES = {name: code for code, name in enumerate(PHASES)}
 

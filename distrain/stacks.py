@@ -112,6 +112,13 @@ def progress(phase: str = "running") -> None:
         watched.beat.update(phase=phase, now=time.time())
 
 
+def finished() -> None:
+    """This rank's training is over (``ddp.cleanup``): its exit may take a while without progress."""
+    watched = _current()
+    if watched is not None:
+        watched.beat.update(phase="finished", now=time.time())
+
+
 @contextlib.contextmanager
 def phase(name: str) -> Iterator[None]:
     """Mark the rank as inside ``name`` (a collective, data loading) until the block ends."""

@@ -11,11 +11,13 @@ rank (SIGTERM, ``--term-timeout`` grace, SIGKILL), removes the placement group a
 which rank failed, where, and its last lines. ``--max-restarts N`` starts a fresh group on the
 nodes still alive, elastic between ``--nnodes MIN:MAX`` (in steps of ``--nproc-per-node``) or
 ``--num-workers MIN:MAX`` workers. Modules: ``ray_session`` (connect, ship code),
-``ray_group`` (one attempt), ``ray_worker`` (the actor), ``ray_output`` (console and files).
+``ray_group`` (one attempt), ``ray_worker`` (the actor), ``ray_output`` (console and files),
+``ray_watch`` (``--hang-timeout`` and stacks, through the actors).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import sys
 import uuid
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from distrain.launch_config import LaunchConfig
     from distrain.launchers.ray_group import Outcome
     from distrain.launchers.ray_session import CommandPlan, StopRequest
+    from distrain.launchers.ray_watch import RayRanks
     from distrain.results import RunResult
 
 DEFAULT_JOIN_TIMEOUT = 600.0  # torchrun's rendezvous join timeout
@@ -83,6 +86,8 @@ class RayLauncher(Launcher):
             plan_command,
             ray_session,
         )
+        from distrain.launchers.ray_watch import RayRanks
+        from distrain.launchers.watchdog import watching
         from distrain.results import RunResult
 
         join_timeout = check_ray_config(config)
@@ -93,16 +98,23 @@ class RayLauncher(Launcher):
         cpus = config.world_size * config.ray.cpus_per_worker
         target = find_target(config.ray)
         plan = plan_command(config, target)
+        ranks = RayRanks()
         # Signals are caught after ray.init: Ray's driver installs its own SIGTERM handler
         # (which prints a stack and exits), and ours must be the one in place.
         with restored_signal_handlers(), \
                 ray_session(target, runtime_env=plan.runtime_env, num_cpus=cpus, say=say), \
-                catch_signals() as stop:
+                catch_signals() as stop, \
+                watching(hang_timeout=config.hang_timeout, log_dir=log_dir,
+                         max_restarts=config.max_restarts, source=ranks) as watch:
+            watch.set_run_id(run_id)
+            # Each actor points the watch directory at one of its own (see RankWorker.start).
+            plan = dataclasses.replace(plan, base_env={**plan.base_env, **watch.environ()})
             attempt = 0
             while True:
+                watch.diagnosis = ""  # only this attempt's hang explains this attempt's failure
                 try:
                     outcome = self._attempt(config, plan, attempt, run_id, run_dir, stop,
-                                            join_timeout, payload)
+                                            join_timeout, payload, ranks)
                 except Interrupted as signal_name:
                     return RunResult(return_values={}, signal=str(signal_name),
                                      restarts=attempt, log_dir=log_dir)
@@ -122,7 +134,8 @@ class RayLauncher(Launcher):
                                          log_dir=log_dir)
                     if attempt >= config.max_restarts:
                         return RunResult(return_values={}, failures=outcome.failures,
-                                         restarts=attempt, log_dir=log_dir)
+                                         restarts=attempt, log_dir=log_dir,
+                                         diagnosis=watch.diagnosis)
                     say("distrain: " + outcome.failures[0].describe().splitlines()[0])
                 attempt += 1
                 say(f"distrain: restarting the group (restart {attempt} of "
@@ -130,7 +143,7 @@ class RayLauncher(Launcher):
 
     def _attempt(self, config: LaunchConfig, plan: CommandPlan, attempt: int, run_id: str,
                  run_dir: Path | None, stop: StopRequest, join_timeout: float,
-                 payload: bytes | None) -> Outcome:
+                 payload: bytes | None, ranks: RayRanks) -> Outcome:
         """One group: size it (elastic), start it, watch it; always tear it down."""
         import ray
 
@@ -149,7 +162,9 @@ class RayLauncher(Launcher):
                             payload=payload, say=say)
         try:
             group.start()
+            ranks.attach(group.actors)
             return group.watch()
         finally:
+            ranks.detach()
             group.close()
             output.close()

@@ -124,6 +124,11 @@ class WorkerGroup:
         self._actors: list[Any] = []  # by rank once placed
         self._places: list[Place] = []
 
+    @property
+    def actors(self) -> tuple[Any, ...]:
+        """The actors by rank, once started."""
+        return tuple(self._actors)
+
     # ------------------------------------------------------------------------------------------
     # Start
     # ------------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ class RankWorker:
         self._store: Any = None
         self._tmp = tempfile.mkdtemp(prefix="distrain-ray-")
         self._result_path = os.path.join(self._tmp, "result.pkl")
+        self._watch_dir = os.path.join(self._tmp, "watch")  # the rank's heartbeat, on its node
 
     # --------------------------------------------------------------------------------------
     # Where am I
@@ -112,6 +113,11 @@ class RankWorker:
         if python:  # torchrun's rule: PYTHON_EXEC, else the interpreter running this node
             argv = [child_env.get("PYTHON_EXEC", sys.executable), "-u", *argv]
         child_env["TORCHELASTIC_ERROR_FILE"] = os.path.join(self._tmp, "error.json")
+        from distrain.heartbeat import WATCH_DIR_ENV
+
+        if WATCH_DIR_ENV in child_env:  # watched: the rank beats here, read by ray_watch
+            os.makedirs(self._watch_dir, exist_ok=True)
+            child_env[WATCH_DIR_ENV] = self._watch_dir
         if payload is not None:
             payload_path = os.path.join(self._tmp, "payload.pkl")
             with open(payload_path, "wb") as f:
@@ -219,6 +225,28 @@ class RankWorker:
             report = self._report()
             report["lines"] = lines
             return report
+
+    def beat(self) -> Any:
+        """The rank's heartbeat (a :class:`~distrain.heartbeat.Beat`), None before its first."""
+        from distrain.launchers.ray_watch import rank_beat
+
+        return rank_beat(self._watch_dir)
+
+    def stacks(self, native: bool) -> Any:
+        """The rank's stacks now (a :class:`~distrain.launchers.stack_collect.RankStacks`)."""
+        from distrain.launchers.ray_watch import rank_stacks
+
+        return rank_stacks(self._watch_dir, native=native)
+
+    def collected(self, attempt: int) -> None:
+        from distrain.launchers.ray_watch import mark_collected
+
+        mark_collected(self._watch_dir, attempt)
+
+    def kill_rank(self) -> None:
+        """SIGKILL the rank's process group as a failure of its own (the hang watch's stop)."""
+        if self._proc is not None:
+            _signal_group(self._proc.pid, signal.SIGKILL)
 
     def close(self) -> None:
         """Release the store and the actor's temporary files (called before ``ray.kill``)."""

@@ -2,13 +2,16 @@
 
 The launch is found in this host's registry (``$TMPDIR/distrain-launches/<launcher pid>.json``,
 written by the hang watch); with no argument, the only running one. The run goes on. Sending
-SIGUSR1 to the launcher does the same, printed by the launcher itself.
+SIGUSR1 to the launcher does the same, printed by the launcher itself. A Ray launch's ranks may
+be on other machines: for one, this sends the launcher SIGUSR1 and says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +57,11 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--no-native", action="store_true", help="skip py-spy's native frames")
     args = parser.parse_args(list(argv))
     entry = find_launch(args.launch)
+    if not entry.get("local", True):
+        os.kill(int(entry["pid"]), signal.SIGUSR1)
+        print(f"distrain stacks: launch {entry['pid']} ({entry['run_id']}) runs on Ray; it prints "
+              "every rank's stack on its own console", file=sys.stderr)
+        return 0
     watch_dir = Path(entry["watch_dir"])
     beats = current_beats(watch_dir)
     if not beats:

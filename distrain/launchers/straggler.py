@@ -21,6 +21,10 @@ from pathlib import Path
 
 from distrain.heartbeat import PERF_FILE, Beat
 
+# A rank is only warned about when it is also this much slower per step than the others: 1.6x a
+# step of a millisecond is scheduling noise, not a straggler.
+MIN_EXCESS_S = 0.05
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StragglerFigures:
@@ -84,14 +88,16 @@ class StragglerTracker:
         if found is None:
             return
         self._publish(found)
-        if found.ratio > self._ratio and not self._in_episode:
+        standing_out = found.ratio > self._ratio and \
+            found.slowest_time - found.median_time >= MIN_EXCESS_S
+        if standing_out and not self._in_episode:
             self._in_episode = True
             self._warn(
                 f"distrain: rank {found.slowest_rank} on {found.host} is a straggler: its own step "
                 f"time {found.slowest_time:.3g} s is {found.ratio:.1f}x the median of the other "
                 f"ranks ({found.median_time:.3g} s) over the last {self._window} steps"
             )
-        elif found.ratio <= self._ratio:
+        elif not standing_out:
             self._in_episode = False
 
     def _publish(self, found: StragglerFigures) -> None:

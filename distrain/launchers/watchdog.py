@@ -8,6 +8,10 @@ A thread in the launcher reads every rank's heartbeat (:mod:`distrain.heartbeat`
   the group fail and applies ``--max-restarts`` as for any failure.
 * SIGUSR1 to the launcher (or ``distrain stacks``) prints every rank's stack; the run goes on.
 * Stragglers: :class:`~distrain.launchers.straggler.StragglerTracker`.
+
+Where the heartbeats and stacks come from is a :class:`RankSource`: the local launcher's ranks
+write into the watch directory on this host (:class:`LocalRanks`); the Ray launcher's ranks write
+on their own nodes and are read through their actors (:mod:`distrain.launchers.ray_watch`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 from distrain.heartbeat import COLLECTED, WATCH_DIR_ENV, Beat, read_beats
 from distrain.launchers.hang_report import Diagnosis, diagnose
@@ -93,13 +98,60 @@ def stacks_text(stacks: dict[int, RankStacks], beats: dict[int, Beat], *,
     return "\n".join(lines)
 
 
-class HangWatch:
-    """Watches one launch's workers on this host (see the module docstring)."""
+class RankSource(Protocol):
+    """Where the watch reads the ranks' heartbeats and gets their stacks from."""
 
-    def __init__(self, *, hang_timeout: float, log_dir: str | None, max_restarts: int) -> None:
+    #: False when the ranks are not on this host (``distrain stacks`` then asks the launcher).
+    local: bool
+
+    def beats(self) -> dict[int, Beat]:
+        """The live ranks of the newest attempt."""
+        ...
+
+    def collect(self, beats: dict[int, Beat], *, native: bool = True) -> dict[int, RankStacks]:
+        ...
+
+    def collected(self, attempt: int) -> None:
+        """Tell ranks whose collective timed out that their stacks are in (they may exit)."""
+        ...
+
+    def kill(self, beats: dict[int, Beat]) -> None:
+        """SIGKILL every rank in ``beats`` (the agent or the Ray group then sees them fail)."""
+        ...
+
+
+class LocalRanks:
+    """Ranks on this host, beating into ``watch_dir``."""
+
+    local = True
+
+    def __init__(self, watch_dir: Path) -> None:
+        self.watch_dir = watch_dir
+
+    def beats(self) -> dict[int, Beat]:
+        return current_beats(self.watch_dir)
+
+    def collect(self, beats: dict[int, Beat], *, native: bool = True) -> dict[int, RankStacks]:
+        return collect(self.watch_dir, beats, native=native)
+
+    def collected(self, attempt: int) -> None:
+        (self.watch_dir / COLLECTED.format(attempt=attempt)).touch()
+
+    def kill(self, beats: dict[int, Beat]) -> None:
+        for beat in beats.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(beat.pid, signal.SIGKILL)
+
+
+class HangWatch:
+    """Watches one launch's workers (see the module docstring)."""
+
+    def __init__(self, *, hang_timeout: float, log_dir: str | None, max_restarts: int,
+                 source: RankSource | None = None) -> None:
         self.hang_timeout = hang_timeout
         self.max_restarts = max_restarts
         self.watch_dir = Path(tempfile.mkdtemp(prefix="distrain-watch-"))
+        self.source: RankSource = source if source is not None else LocalRanks(self.watch_dir)
         self.report_root = Path(log_dir) / "stacks" if log_dir else self.watch_dir / "stacks"
         self.keep_watch_dir = False
         self.diagnosis = ""  # the last hang's summary, for the final failure summary
@@ -124,7 +176,8 @@ class HangWatch:
         registry.mkdir(parents=True, exist_ok=True)
         entry = registry / f"{os.getpid()}.json"
         entry.write_text(json.dumps({"pid": os.getpid(), "run_id": run_id,
-                                     "watch_dir": str(self.watch_dir)}))
+                                     "watch_dir": str(self.watch_dir),
+                                     "local": self.source.local}))
 
     def request_stacks(self, *_: object) -> None:
         """SIGUSR1 handler: only sets events (the watch thread does the work)."""
@@ -140,7 +193,7 @@ class HangWatch:
             self._wake.clear()
             if self._stop.is_set():
                 return
-            beats = current_beats(self.watch_dir)
+            beats = self.source.beats()
             if self._dump_requested.is_set():
                 self._dump_requested.clear()
                 self._print_stacks(beats)
@@ -158,7 +211,9 @@ class HangWatch:
             if attempt not in fired and any(b.phase == "collective timeout" for b in beats.values()):
                 fired.add(attempt)
                 self._on_collective_timeout(beats, attempt)
-            armed = any(count > 0 for count in events.values())
+            # Armed from the first progress until every rank has finished (a slow exit is no hang).
+            armed = any(count > 0 for count in events.values()) and \
+                any(beat.phase != "finished" for beat in beats.values())
             stalled = time.monotonic() - last_progress
             if self.hang_timeout > 0 and armed and attempt not in fired \
                     and stalled > self.hang_timeout:
@@ -167,7 +222,7 @@ class HangWatch:
 
     def _print_stacks(self, beats: dict[int, Beat]) -> None:
         self._dumps += 1
-        stacks = collect(self.watch_dir, beats)
+        stacks = self.source.collect(beats)
         folder = self.report_root / f"dump{self._dumps}"
         write_stack_files(folder, stacks)
         self.keep_watch_dir = True
@@ -176,8 +231,8 @@ class HangWatch:
 
     def _collect_and_diagnose(self, beats: dict[int, Beat], attempt: int,
                               kind: str) -> tuple[Diagnosis, Path, list[str]]:
-        stacks = collect(self.watch_dir, beats)
-        (self.watch_dir / COLLECTED.format(attempt=attempt)).touch()
+        stacks = self.source.collect(beats)
+        self.source.collected(attempt)
         folder = self.report_root / f"{kind}-attempt{attempt}"
         files = write_stack_files(folder, stacks)
         self.keep_watch_dir = True
@@ -196,9 +251,7 @@ class HangWatch:
         found, folder, files = self._collect_and_diagnose(beats, attempt, "hang")
         self.diagnosis = hang_summary(found, stalled=stalled, timeout=self.hang_timeout,
                                       folder=folder, files=files)
-        for beat in beats.values():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(beat.pid, signal.SIGKILL)
+        self.source.kill(beats)
         if attempt < self.max_restarts:
             print(f"{self.diagnosis}\ndistrain: stopped the hung group; restarting it "
                   f"({attempt + 1} of {self.max_restarts}).", file=sys.stderr, flush=True)
@@ -242,9 +295,11 @@ def files_line(folder: Path, files: list[str]) -> str:
 
 
 @contextlib.contextmanager
-def watching(*, hang_timeout: float, log_dir: str | None, max_restarts: int) -> Iterator[HangWatch]:
+def watching(*, hang_timeout: float, log_dir: str | None, max_restarts: int,
+             source: RankSource | None = None) -> Iterator[HangWatch]:
     """A started :class:`HangWatch` with SIGUSR1 routed to it (main thread only)."""
-    watch = HangWatch(hang_timeout=hang_timeout, log_dir=log_dir, max_restarts=max_restarts)
+    watch = HangWatch(hang_timeout=hang_timeout, log_dir=log_dir, max_restarts=max_restarts,
+                      source=source)
     with installed([signal.SIGUSR1], watch.request_stacks):
         watch.start()
         try:
