@@ -171,8 +171,13 @@ def test_a_corrupted_object_is_named_by_verify_and_skipped_by_load_latest(
     exported = distrain("ckpt", "export", root, "--out", str(out), env=env)
     assert exported.returncode == 0, exported.stderr
     assert torch.equal(torch.load(out, weights_only=True)["weight"], model.weight.detach())
+    before = len(s3.requests("GET", f"/{bucket}/run/"))
     inspected = distrain("ckpt", "inspect", root, env=env)
     assert inspected.returncode == 0 and "step-00000002" in inspected.stdout, inspected.stdout
+    downloads = s3.requests("GET", f"/{bucket}/run/")[before:]  # verified, then read: once each
+    objects = {f"/{bucket}/run/step-00000002/{name}" for name in
+               ("manifest.json", "model.pt", "rng.pt", "extra.json")}
+    assert sorted(downloads) == sorted(objects), downloads
 
     _corrupt(s3, bucket, "run/step-00000002/model.pt")
     checked = distrain("ckpt", "verify", root, env=env)

@@ -121,8 +121,10 @@ class ObjectStore:
     """The checkpoints under one object-store URL: the interface of
     :class:`distrain.ckpt.store.CheckpointStore`."""
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-        remote = Remote(url, storage_options)
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None, *,
+                 remote: Remote | None = None) -> None:
+        """``remote``: the connection to use (one of ``url``'s root), instead of a new one."""
+        remote = remote or Remote(url, storage_options)
         self.root = ObjectPath(remote, remote.url)
         self.storage_options = dict(storage_options or {})
 
