@@ -147,6 +147,8 @@ class MultipartUpload(BufferedUpload):
 
     def _part_done(self, future: Future[dict[str, Any]]) -> None:
         self._slots.release()
+        if future.cancelled():  # by abort(): nothing to report
+            return
         error = future.exception()
         if error is not None and self._failed is None:
             self._failed = error
