@@ -79,7 +79,8 @@ class Checkpointer:
     ``keep_last``: how many of the newest checkpoints to keep (None: all); ``keep_every``: also
     keep every checkpoint whose step is a multiple of it. ``async_save``: ``save`` only copies
     the state to CPU memory and returns; a background thread writes it (one save in flight at
-    most; ``wait()``, the next ``save`` and ``distrain.ddp.cleanup()`` join it and raise its error).
+    most; ``wait()``, the next ``save`` and ``distrain.ddp.cleanup()`` join it and raise its
+    error on every rank).
     ``sharded``: write sharded checkpoints (every rank its shard, through DCP); None (default):
     sharded when a saved model is FSDP-wrapped, full (rank 0 writes) otherwise.
     ``storage_options``: passed to fsspec when ``root`` is a URL (credentials, ``endpoint_url``);
