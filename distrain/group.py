@@ -191,6 +191,12 @@ def _context(worker: WorkerEnv, device: torch.device, backend: str | None) -> Co
 _before_cleanup: list[weakref.WeakMethod[Callable[[], Any]]] = []
 
 
+def exiting_on_error() -> bool:
+    """True while an exception is on its way out (or the interpreter has reported one): this
+    rank must not enter a collective its healthy peers may not be in."""
+    return sys.exc_info()[0] is not None or hasattr(sys, "last_value")
+
+
 def on_cleanup(method: Callable[[], Any]) -> None:
     """Call the bound ``method`` at :func:`cleanup`, before the process group is destroyed."""
     _before_cleanup.append(weakref.WeakMethod(method))
@@ -212,7 +218,7 @@ def cleanup(*, synchronize: bool | None = None) -> None:
             ``monitored_barrier`` bounded by ``FINAL_BARRIER_SECONDS``.
     """
     if synchronize is None:
-        synchronize = sys.exc_info()[0] is None and not hasattr(sys, "last_value")
+        synchronize = not exiting_on_error()
     pending, _before_cleanup[:] = list(_before_cleanup), []
     for ref in pending:
         method = ref()

@@ -50,6 +50,7 @@ class _Serving:
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
         self.trip: tuple[str, str] | None = None  # (path fragment, method)
         self.tripped = threading.Event()
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request served
         self._app = DomainDispatcherApplication(create_backend_app)
         self._server = make_server(host, port, self._wsgi, True, request_handler=MotoRequestHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
@@ -62,6 +63,7 @@ class _Serving:
         return str(host), int(port)
 
     def _wsgi(self, environ: dict[str, Any], start_response: Any) -> Any:
+        self.requests.append((str(environ.get("REQUEST_METHOD")), str(environ.get("PATH_INFO"))))
         trip = self.trip
         if (trip is not None and trip[0] in environ.get("PATH_INFO", "")
                 and environ.get("REQUEST_METHOD") == trip[1]):
@@ -112,6 +114,12 @@ class S3Server:
         self._server.tripped.clear()
         self._server.trip = (fragment, method)
         return self._server.tripped
+
+    def requests(self, method: str, prefix: str) -> list[str]:
+        """The paths of the ``method`` requests served so far (since the last restart) whose
+        path starts with ``prefix`` (``/bucket/key...``), in order."""
+        return [path for seen, path in list(self._server.requests)
+                if seen == method and path.startswith(prefix)]
 
     def stop(self) -> None:
         self._server.stop()

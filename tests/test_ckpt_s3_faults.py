@@ -1,8 +1,9 @@
 """S3 checkpoints under faults, against a real S3 endpoint (moto's server on 127.0.0.1).
 
 * The server goes down in the middle of a save (at the first upload of the new step's
-  objects; full sync, sharded sync, full async): every rank raises ``CheckpointError`` within a
-  bounded time, and once the server is back the previous checkpoint loads exactly.
+  objects; full sync, sharded sync, full async joined by the next save or by ``wait()``): every
+  rank raises ``CheckpointError`` within a bounded time, and once the server is back the
+  previous checkpoint loads exactly.
 * A sharded checkpoint written by 2 ranks resumes on 4 ranks and on 1.
 * A corrupted object: ``distrain ckpt verify`` names it, ``load_latest`` skips to the previous
   checkpoint; ``ls``/``inspect``/``export`` read URLs and export writes a local file.
@@ -40,7 +41,7 @@ def _wait_for(path: Path, seconds: float = 240) -> None:
 
 
 def outage_worker(ctx: Any, roots: dict[str, str], marks: str) -> dict[str, Any]:
-    """On every rank: save step 2 everywhere, then step 4 (or 4 and 6, async) while the server
+    """On every rank: save step 2 everywhere, then step 4 (and 6, or wait(), async) while the server
     goes down; the test restarts it between the cases (files in ``marks`` say when)."""
     from distrain import ddp
 
@@ -48,7 +49,8 @@ def outage_worker(ctx: Any, roots: dict[str, str], marks: str) -> dict[str, Any]
     model = ddp.wrap(nn.Linear(64, 64), ctx, strategy="ddp")
     savers = {"full": Checkpointer(roots["full"], ctx), "sharded": Checkpointer(roots["sharded"], ctx,
                                                                                sharded=True),
-              "async": Checkpointer(roots["async"], ctx, async_save=True)}
+              "async": Checkpointer(roots["async"], ctx, async_save=True),
+              "async-wait": Checkpointer(roots["async-wait"], ctx, async_save=True)}
     for saver in savers.values():
         saver.save(2, model=model)
         saver.wait()
@@ -64,6 +66,8 @@ def outage_worker(ctx: Any, roots: dict[str, str], marks: str) -> dict[str, Any]
             saver.save(4, model=model)
             if case == "async":  # the upload fails in the background: the next save says so
                 saver.save(6, model=model)
+            elif case == "async-wait":  # ... or wait(), on every rank (rank 0 alone uploads)
+                saver.wait()
             out[case] = "no error"
         except CheckpointError as error:
             out[case] = str(error)
@@ -101,7 +105,7 @@ def _operate(server: S3Server, bucket: str, marks: Path, cases: list[str],
 def test_server_down_mid_save_fails_every_rank_and_the_previous_checkpoint_loads(
         s3: S3Server, tmp_path: Path) -> None:  # noqa: F811
     bucket = s3.make_bucket()
-    cases = ["full", "sharded", "async"]
+    cases = ["full", "sharded", "async", "async-wait"]
     roots = {case: f"s3://{bucket}/{case}" for case in cases}
     failures: list[BaseException] = []
     operator = threading.Thread(target=_operate, args=(s3, bucket, tmp_path, cases, failures))
@@ -167,8 +171,13 @@ def test_a_corrupted_object_is_named_by_verify_and_skipped_by_load_latest(
     exported = distrain("ckpt", "export", root, "--out", str(out), env=env)
     assert exported.returncode == 0, exported.stderr
     assert torch.equal(torch.load(out, weights_only=True)["weight"], model.weight.detach())
+    before = len(s3.requests("GET", f"/{bucket}/run/"))
     inspected = distrain("ckpt", "inspect", root, env=env)
     assert inspected.returncode == 0 and "step-00000002" in inspected.stdout, inspected.stdout
+    downloads = s3.requests("GET", f"/{bucket}/run/")[before:]  # verified, then read: once each
+    objects = {f"/{bucket}/run/step-00000002/{name}" for name in
+               ("manifest.json", "model.pt", "rng.pt", "extra.json")}
+    assert sorted(downloads) == sorted(objects), downloads
 
     _corrupt(s3, bucket, "run/step-00000002/model.pt")
     checked = distrain("ckpt", "verify", root, env=env)

@@ -82,3 +82,35 @@ def test_any_fsspec_url_and_file_urls_are_directories(tmp_path: object) -> None:
     assert torch.equal(fresh.bias, torch.full((4,), 7.0))
     local = open_store(f"file://{tmp_path}/ckpt")
     assert isinstance(local, CheckpointStore)
+
+
+def test_a_large_object_streams_in_parts_while_written_and_an_abort_leaves_nothing(
+        s3: S3Server) -> None:  # noqa: F811
+    from distrain.ckpt import digest
+    from distrain.ckpt.remote import Remote
+    from distrain.ckpt.upload import MultipartUpload
+
+    bucket = s3.make_bucket()
+    remote = Remote(f"s3://{bucket}/big")
+    part = 5 << 20  # S3's smallest part
+    data = torch.randint(0, 256, (13 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    raw = data.numpy().tobytes()
+    upload = MultipartUpload(remote, f"s3://{bucket}/big/obj", part_size=part, in_flight=2,
+                             single_put=part)
+    for start in range(0, len(raw), 3_000_001):  # writes that straddle part boundaries
+        upload.write(memoryview(raw)[start:start + 3_000_001])
+    assert upload.tell() == len(raw)
+    record = upload.finish()
+    hasher = digest.new()
+    hasher.update(raw)
+    assert record == digest.record(hasher, len(raw))
+    assert remote.get(f"s3://{bucket}/big/obj") == raw
+    parts = s3.requests("PUT", f"/{bucket}/big/obj")
+    assert len(parts) == 3, parts  # 5 + 5 + 3 MB, each uploaded as it filled
+
+    aborted = MultipartUpload(remote, f"s3://{bucket}/big/gone", part_size=part, single_put=part)
+    aborted.write(raw[: 11 << 20])  # two parts out, the third still being written
+    aborted.abort()
+    client = s3.client()
+    assert client.list_objects_v2(Bucket=bucket, Prefix="big/gone").get("KeyCount", 0) == 0
+    assert not client.list_multipart_uploads(Bucket=bucket).get("Uploads")

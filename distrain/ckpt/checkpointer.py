@@ -42,7 +42,7 @@ from distrain.ckpt.convert import gather_full, is_fsdp, original_class, restore_
 from distrain.ckpt.dcp_names import STORAGE
 from distrain.ckpt.objstore import ObjectStaging, ObjectStore, open_store
 from distrain.ckpt.remote import ObjectPath
-from distrain.ckpt.sharded import ShardedSaver
+from distrain.ckpt.sharded import ShardedSaver, agree
 from distrain.ckpt.sharded import load as load_sharded
 from distrain.ckpt.snapshot import Snapshots
 from distrain.ckpt.state import (
@@ -68,7 +68,7 @@ from distrain.ckpt.store import (
 )
 from distrain.collectives import broadcast, first_failure
 from distrain.errors import ConfigError
-from distrain.group import resolve
+from distrain.group import exiting_on_error, resolve
 from distrain.version import __version__
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class Checkpointer:
         keep_every: Also keep every checkpoint whose step is a multiple of it.
         async_save: ``save`` only copies the state to CPU memory and returns; a background
             thread writes it (one save in flight at most; ``wait()``, the next ``save`` and
-            ``distrain.cleanup()`` join it and raise its error).
+            ``distrain.cleanup()`` join it and raise its error on every rank).
         sharded: Write sharded checkpoints (every rank its shard, through DCP); None: sharded
             when a saved model is FSDP-wrapped, full (rank 0 writes) otherwise.
         storage_options: Passed to fsspec when ``root`` is a URL (credentials, ``endpoint_url``);
@@ -123,6 +123,9 @@ class Checkpointer:
         self.values: dict[str, Any] = {}  # the JSON values of the checkpoint last loaded
         self.path: CheckpointPath | None = None  # the checkpoint last loaded (or saved, sync)
         self._writer = BackgroundWriter()
+        # The step of the async save in flight, on every rank (rank 0 alone runs a full one's
+        # write): wait() then agrees on its outcome, so its error reaches every rank.
+        self._in_flight: int | None = None
         # Async: the CPU copies of the last save, reused by the next one once its write is done
         # (save() waits for it first), so the pause is a copy into warm pages.
         self._staging: dict[str, torch.Tensor] = {}
@@ -131,7 +134,7 @@ class Checkpointer:
             self.store.remove_stale()
         from distrain.group import on_cleanup
 
-        on_cleanup(self.wait)
+        on_cleanup(self._wait_at_cleanup)
         on_cleanup(self._sharded.wait)  # also when this Checkpointer is gone before its write
         self._snapshots = None if snapshot_every is None else Snapshots(root, ctx, snapshot_every)
         if self._snapshots is not None:
@@ -169,8 +172,10 @@ class Checkpointer:
                               "e.g. ckpt.save(step, model=model, optimizer=optimizer)")
         kinds = {name: kind_of(name, obj) for name, obj in objects.items()}
         fsdp = any(is_fsdp(obj) for obj in objects.values())
+        self._in_flight = None  # the save in flight is joined below and its outcome agreed
         if self.sharded or (self.sharded is None and fsdp):
             self._sharded.save(self, step, objects, kinds)
+            self._in_flight = step if self.async_save else None
             return
         error: BaseException | None = None
         if self.ctx.is_main:
@@ -190,6 +195,7 @@ class Checkpointer:
         if self.async_save:
             if job is not None:
                 self._writer.submit(job)
+            self._in_flight = step
             return
         if job is not None:
             try:
@@ -226,18 +232,37 @@ class Checkpointer:
         return True
 
     def wait(self) -> None:
-        """Finish the background write in flight and raise its error, if any.
+        """Finish the background write in flight; if it failed, raise on every rank.
+
+        Call it on every rank, as ``save``.
 
         Raises:
-            CheckpointError: The write in flight failed (nothing of it was published).
+            CheckpointError: The write in flight failed on some rank (nothing of it was published).
         """
+        self._wait(agree_everywhere=True)
+
+    def _wait_at_cleanup(self) -> None:
+        # A rank on its way out with an exception must not enter a collective its peers may
+        # not be in: it only finishes its own part.
+        self._wait(agree_everywhere=not exiting_on_error())
+
+    def _wait(self, *, agree_everywhere: bool) -> None:
         if self._snapshots is not None:
             self._snapshots.wait()
+        step, self._in_flight = self._in_flight, None
+        error: CheckpointError | None = None
         try:
-            self._sharded.wait()
-        finally:
-            if self.ctx.is_main:
-                self._writer.wait()
+            try:
+                self._sharded.wait()
+            finally:
+                if self.ctx.is_main:
+                    self._writer.wait()
+        except CheckpointError as failed:
+            error = failed
+        if agree_everywhere and step is not None:
+            agree(error, step, None)
+        elif error is not None:
+            raise error
 
     def prepare(
         self, step: int, objects: dict[str, Any], kinds: dict[str, str], rngs: list[Any], *,

@@ -65,8 +65,18 @@ def _is_checkpoint(path: CheckpointPath) -> bool:
 
 
 def _store(path: CheckpointPath) -> CheckpointStore | ObjectStore:
-    """The store of root ``path`` (a directory, or a URL read with the AWS_* settings)."""
-    return open_store(str(path)) if not isinstance(path, Path) else CheckpointStore(path)
+    """The store of root ``path`` (a directory, or a URL read through ``path``'s connection)."""
+    return CheckpointStore(path) if isinstance(path, Path) else ObjectStore(path.url, remote=path.remote)
+
+
+def _read_once(path: CheckpointPath) -> contextlib.AbstractContextManager[None]:
+    """Objects under ``path`` that are verified and then read (all but DCP shards, which are only
+    verified) downloaded once, not once per reader."""
+    if isinstance(path, Path):
+        return contextlib.nullcontext()
+    from distrain.ckpt.sharded import SHARD_SUFFIX
+
+    return path.remote.read_once(lambda url: not url.endswith(SHARD_SUFFIX))
 
 
 def _existing_dir(text: str) -> CheckpointPath:
@@ -78,11 +88,13 @@ def _existing_dir(text: str) -> CheckpointPath:
     return path
 
 
-def _resolve(text: str) -> CheckpointPath:
-    """A checkpoint directory, or the newest valid one under a root."""
-    path = _existing_dir(text)
-    if _is_checkpoint(path):
-        return path
+def _checked(path: CheckpointPath, text: str) -> Verification:
+    """Checkpoint directory ``path`` verified, or the newest valid checkpoint under root ``path``
+    (verified once: its verification is returned)."""
+    return verify(path) if _is_checkpoint(path) else _newest_valid(path, text)
+
+
+def _newest_valid(path: CheckpointPath, text: str) -> Verification:
     store = _store(path)
     if not path.is_dir() or not store.checkpoints():
         raise UsageError(f"{text}: expected a checkpoint directory (with {MANIFEST}) or a root "
@@ -90,7 +102,7 @@ def _resolve(text: str) -> CheckpointPath:
     found = store.newest_valid()
     if found is None:
         raise CheckpointError(f"{text}: no checkpoint under it verifies (see distrain ckpt verify)")
-    return found.path
+    return found
 
 
 def _total_size(manifest: dict[str, Any]) -> int:
@@ -178,8 +190,14 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"{target} ({_size(target.stat().st_size)})")
         print("\n".join(_describe_state(state, module=_is_flat_tensors(state))))
         return 0
-    path = _resolve(args.path)
-    result = verify(path)
+    with _read_once(target):
+        return _inspect_checkpoint(_checked(target, args.path))
+
+
+def _inspect_checkpoint(result: Verification) -> int:
+    from distrain.ckpt.state import safe_load
+
+    path = result.path
     manifest = result.manifest or read_manifest(path)
     print(f"checkpoint {path}")
     for key in ("kind", "step", "world_size", "time", "hostname", "torch", "distrain", "python"):
@@ -284,12 +302,19 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+
+
+    target = _existing_dir(args.path)
+    with _read_once(target):
+        return _export_checkpoint(_checked(target, args.path), args)
+
+
+def _export_checkpoint(result: Verification, args: argparse.Namespace) -> int:
     import torch
 
     from distrain.ckpt.state import safe_load
 
-    path = _resolve(args.path)
-    result = verify(path)
+    path = result.path
     if not result.ok:
         _print_verification(result)
         return EXIT_BAD_CHECKPOINT

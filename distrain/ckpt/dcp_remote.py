@@ -5,8 +5,8 @@ torch's own ``FsspecWriter`` opens a streaming fsspec file per shard and, with i
 (pytorch issue 142396; torch 2.14 only downgrades the error to a warning). Its
 ``.metadata`` goes through a temporary object and a rename (a copy on S3). Neither is needed
 here: durability comes from distrain's manifest, written after every object is complete. So
-:class:`ObjectFileSystem` gives DCP's ``FileSystemWriter`` streams that collect each shard in
-memory, hash it as it is written and upload it whole on close (parallel parts, retried), with
+:class:`ObjectFileSystem` gives DCP's ``FileSystemWriter`` streams that upload each shard while
+it is written, hashing it on the way (:mod:`distrain.ckpt.upload`: parallel parts, retried), with
 ``sync_files=False``; the writer on each rank then uploads the digests of what it wrote
 (``.digests-*.json``), which rank 0 folds into the manifest without reading a shard back.
 Reading gives DCP each shard whole (fetched in parallel ranged parts) as an in-memory stream.
@@ -26,8 +26,9 @@ from typing import Any
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystemBase
 
-from distrain.ckpt.objstore import DIGESTS_PREFIX, HashingBuffer
+from distrain.ckpt.objstore import DIGESTS_PREFIX
 from distrain.ckpt.remote import ObjectPath, Remote
+from distrain.ckpt.upload import open_upload
 
 
 class ObjectFileSystem(FileSystemBase):
@@ -45,9 +46,13 @@ class ObjectFileSystem(FileSystemBase):
         if "r" in mode:
             yield io.BytesIO(self.remote.get(url))
             return
-        buffer = HashingBuffer()
-        yield buffer  # type: ignore[misc]  # write/tell/flush: all DCP's writer uses
-        record = buffer.upload(ObjectPath(self.remote, url))
+        upload = open_upload(self.remote, url)
+        try:
+            yield upload  # type: ignore[misc]  # write/tell/flush: all DCP's writer uses
+            record = upload.finish()
+        except BaseException:
+            upload.abort()
+            raise
         with self._lock:
             self.records[url.rsplit("/", 1)[-1]] = record
 

@@ -9,13 +9,14 @@ Layout (the same names as on disk)::
         manifest.json         # written LAST: a step directory without it is not a checkpoint
         model.pt ...
 
-The commit: every data object is uploaded whole (a PUT, or a multipart upload that becomes
-visible only when complete), then the manifest with the size and digest of each, then
-``latest``. A reader trusts a step directory only when its manifest exists and every object
-matches it (:func:`distrain.ckpt.store.verify`), so a save killed or cut off at any point leaves
-at worst objects that nothing reads; the next writer removes them. Saving a step that already
-exists first deletes its manifest (it stops being a checkpoint), then rewrites it. Retention
-deletes a checkpoint's manifest first, then its objects, and only after the new one is committed.
+The commit: every data object is uploaded while it is serialized (a PUT, or a multipart upload
+that becomes visible only when complete: :mod:`distrain.ckpt.upload`), then the manifest with
+the size and digest of each, then ``latest``. A reader trusts a step directory only when its
+manifest exists and every object matches it (:func:`distrain.ckpt.store.verify`), so a save
+killed or cut off at any point leaves at worst objects that nothing reads; the next writer
+removes them. Saving a step that already exists first deletes its manifest (it stops being a
+checkpoint), then rewrites it. Retention deletes a checkpoint's manifest first, then its
+objects, and only after the new one is committed.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
-from distrain.ckpt import digest as file_digest
 from distrain.ckpt.remote import ObjectPath, Remote, is_url
 from distrain.ckpt.store import (
     LATEST,
@@ -43,50 +43,10 @@ from distrain.ckpt.store import (
     select_for_deletion,
     step_dir_name,
 )
+from distrain.ckpt.upload import open_upload
 from distrain.errors import ConfigError
 
 DIGESTS_PREFIX = ".digests-"  # per-writer records of the objects it uploaded (sharded saves)
-
-
-class HashingBuffer:
-    """A write-only, seekable-for-``tell`` file object that keeps the bytes in memory and
-    hashes them as they come; :meth:`upload` sends them as one object (parallel parts)."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-        self.digest = file_digest.new()
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        view = memoryview(data).cast("B")
-        self.digest.update(view)
-        self._buffer += view
-        return view.nbytes
-
-    def tell(self) -> int:
-        return len(self._buffer)
-
-    def flush(self) -> None:
-        """Nothing to flush: the object is sent whole by :meth:`upload`."""
-
-    def close(self) -> None:
-        """Nothing to release: the bytes stay until :meth:`upload`."""
-
-    @property
-    def closed(self) -> bool:
-        return False
-
-    def writable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def record(self) -> dict[str, Any]:
-        return file_digest.record(self.digest, len(self._buffer))
-
-    def upload(self, target: ObjectPath) -> dict[str, Any]:
-        target.remote.put(target.url, self._buffer)
-        return self.record()
 
 
 class ObjectStaging:
@@ -97,15 +57,24 @@ class ObjectStaging:
         self.root = root
         self.step = step
         self.path = root / step_dir_name(step)
-        self.path.remote.remove((self.path / MANIFEST).url)  # an older save of this step: void
-        self.path.remote.remove(self.path.url, recursive=True)
+        if self.path.remote.names(self.path.url):  # an older save of this step: void it, then go
+            self.path.remote.remove((self.path / MANIFEST).url)
+            self.path.remote.remove(self.path.url, recursive=True)
         self.files: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
+        self._serializing = threading.Lock()
 
     def write_file(self, name: str, write: Callable[[IO[bytes]], None]) -> None:
-        buffer = HashingBuffer()
-        write(buffer)  # type: ignore[arg-type]  # a file object as far as writers care
-        record = buffer.upload(self.path / name)
+        upload = open_upload(self.path.remote, (self.path / name).url)
+        try:
+            # One object serialized at a time: two at once share the CPU and both uploads start
+            # late; this way each upload starts once its object is done, beside the next one.
+            with self._serializing:
+                write(upload)  # type: ignore[arg-type]  # a file object as far as writers care
+            record = upload.finish()
+        except BaseException:
+            upload.abort()
+            raise
         with self._lock:
             self.files[name] = record
 
@@ -152,8 +121,10 @@ class ObjectStore:
     """The checkpoints under one object-store URL: the interface of
     :class:`distrain.ckpt.store.CheckpointStore`."""
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-        remote = Remote(url, storage_options)
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None, *,
+                 remote: Remote | None = None) -> None:
+        """``remote``: the connection to use (one of ``url``'s root), instead of a new one."""
+        remote = remote or Remote(url, storage_options)
         self.root = ObjectPath(remote, remote.url)
         self.storage_options = dict(storage_options or {})
 

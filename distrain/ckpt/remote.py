@@ -20,7 +20,7 @@ import io
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -88,6 +88,8 @@ class Remote:
         self.base = str(path).rstrip("/")
         self.retry = retry or RetryPolicy()
         self._down_until = 0.0  # see RetryPolicy.cooldown
+        self._keep: Callable[[str], bool] | None = None  # see read_once
+        self._kept: dict[str, bytes] = {}
 
     def key(self, url: str) -> str:
         """The filesystem's own path of ``url`` (a URL under this root, or a bare key)."""
@@ -132,8 +134,25 @@ class Remote:
         self.call("upload", url, lambda: self.fs.pipe_file(key, data, **kwargs))
 
     def get(self, url: str) -> bytes:
+        kept = self._kept.pop(url, None)
+        if kept is not None:
+            return kept
         key = self.key(url)
-        return self.call("download", url, lambda: self.fs.cat_file(key))
+        data: bytes = self.call("download", url, lambda: self.fs.cat_file(key))
+        if self._keep is not None and self._keep(url):
+            self._kept[url] = data
+        return data
+
+    @contextlib.contextmanager
+    def read_once(self, keep: Callable[[str], bool]) -> Iterator[None]:
+        """Within it, an object whose URL ``keep`` accepts stays in memory after its download and
+        its next read is served from there (then dropped): a reader that checks an object's
+        digest and then loads it (``distrain ckpt inspect``) downloads it once."""
+        self._keep, self._kept = keep, {}
+        try:
+            yield
+        finally:
+            self._keep, self._kept = None, {}
 
     def size(self, url: str) -> int:
         key = self.key(url)

@@ -95,7 +95,7 @@ class ShardedSaver:
             except OSError as failed:
                 error = ckpt.write_error(step, failed)
         where: Any = broadcast(None if staging is None else str(staging.path))
-        _agree(error, step, staging)
+        agree(error, step, staging)
         rngs = ckpt.gather_rng()
         job = None
         if ctx.is_main:
@@ -106,7 +106,7 @@ class ShardedSaver:
                                     elsewhere=records)
             except Exception as failed:
                 error = failed
-        _agree(error, step, staging)
+        agree(error, step, staging)
         state = dcp_states(pairing)
         writer = _writer(ckpt.store, where)
         if ckpt.async_save:  # the CPU copy happens in async_save; the write on DCP's thread
@@ -125,13 +125,13 @@ class ShardedSaver:
                 dcp.save(state, storage_writer=writer, no_dist=not ctx.distributed)
         except CheckpointException as failed:
             error = dcp_failure(failed, f"could not write checkpoint step {step}")
-        _agree(error, step, staging)  # the barrier: every shard is on disk
+        agree(error, step, staging)  # the barrier: every shard is on disk
         if job is not None:
             try:
                 job(staging=staging, before=functools.partial(_collect, None))
             except Exception as failed:
                 error = failed
-        _agree(error, step, None)  # no rank runs ahead of the commit
+        agree(error, step, None)  # no rank runs ahead of the commit
 
     def _alive_until_done(self, future: Future[Any]) -> None:
         """Registered on the write in flight, so that this saver (whose ``wait`` is called by
@@ -187,9 +187,10 @@ def _collect(future: Future[Any] | None, staging: Staging | ObjectStaging) -> No
         raise CheckpointError(f"{staging.path}: DCP wrote no {METADATA_FILE}")
 
 
-def _agree(error: BaseException | None, step: int,
-           staging: Staging | ObjectStaging | None) -> None:
-    """Every rank learns whether any rank failed; the failing rank raises its own error."""
+def agree(error: BaseException | None, step: int,
+          staging: Staging | ObjectStaging | None) -> None:
+    """Every rank learns whether any rank failed saving ``step`` (a collective: every rank
+    calls it); the failing rank raises its own error, the others a CheckpointError naming it."""
     failed = first_failure(None if error is None else f"{error}")
     if failed is None:
         return
