@@ -1,0 +1,108 @@
+"""The digits example (unchanged) trained across 2 separate hosts, checkpoints on S3 on a third:
+every process on both hosts SIGKILLed mid-run, the same command started again on both, and the
+final checkpoint's weights are equal (``torch.equal``) to those of an uninterrupted 2-host run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from tests.helpers import ABORT_LINE, PYTHON, REPO, child_env
+from tests.hosts import Host, hosts_or_skip
+from tests.nodes_launch import collect, launch, make_bucket, start_s3, stop
+
+DIGITS = str(REPO / "examples" / "digits_ddp.py")
+EPOCHS, STEPS_PER_EPOCH = 4, 23  # 1437 training images, 32 per rank, 2 ranks
+# Copies the newest committed checkpoint under a store URL to a directory on the host's disk.
+FETCH = """
+import fsspec, sys
+url, out = sys.argv[1], sys.argv[2]
+fs, root = fsspec.core.url_to_fs(url)
+name = fs.cat(root + "/latest").decode().strip()
+for file in ("model.pt", "extra.json"):
+    fs.get(f"{root}/{name}/{file}", f"{out}/{file}")
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[list[Host], dict[str, str]]]:
+    with hosts_or_skip(3) as hosts:
+        server, s3_env = start_s3(hosts[2])
+        try:
+            yield hosts, s3_env
+        finally:
+            hosts[2].stop_daemon(server)
+
+
+def run_dir(hosts: list[Host], s3_env: dict[str, str], name: str) -> str:
+    return f"{make_bucket(hosts[0], s3_env, f'{name}-{uuid.uuid4().hex[:6]}')}/run"
+
+
+def fetch_latest(host: Host, s3_env: dict[str, str], url: str,
+                 name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The model state and extra.json of the newest checkpoint under ``url``, read on ``host``."""
+    (host.disk / name).mkdir()
+    host.run([PYTHON, "-c", FETCH, url, str(host.workdir / name)], child_env(s3_env), check=True, timeout=60)
+    extra = json.loads((host.disk / name / "extra.json").read_text())
+    return torch.load(host.disk / name / "model.pt"), extra
+
+
+def wait_for_output(host: Host, logs: str, text: str, procs: list[subprocess.Popen[str]],
+                    timeout: float = 120) -> None:
+    """Until rank 0's log file on ``host`` (``--log-dir``) holds ``text``; fails if an agent ends."""
+    deadline = time.monotonic() + timeout
+    while not any(text in path.read_text(errors="replace")
+                  for path in (host.disk / logs).glob("*/attempt_*/0/stdout.log")):
+        ended = [p.returncode for p in procs if p.poll() is not None]
+        assert not ended and time.monotonic() < deadline, f"agents ended {ended} before {text!r}"
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(300)
+def test_digits_on_two_hosts_resumes_exactly_after_every_process_is_killed(
+        cluster: tuple[list[Host], dict[str, str]]) -> None:
+    hosts, s3_env = cluster
+    trainers = hosts[:2]
+    interrupted, reference = run_dir(hosts, s3_env, "killed"), run_dir(hosts, s3_env, "reference")
+
+    def start(url: str, logs: str) -> list[subprocess.Popen[str]]:
+        return launch(trainers, "static", DIGITS, nproc=1, env=s3_env,
+                      extra_flags=["--log-dir", str(trainers[0].workdir / logs)],
+                      args=["--run-dir", url, "--epochs", str(EPOCHS)])
+
+    first = start(interrupted, "logs-first")
+    try:
+        wait_for_output(trainers[0], "logs-first", "epoch 1: step", first)
+        killed = [pid for host in trainers for pid in host.kill_all()]
+        for host in trainers:
+            host.wait_no_processes()
+    finally:
+        stop(first)
+    assert len(killed) >= 4  # an agent and a rank on each host
+    killed_log = "".join(p.read_text() for p in (trainers[0].disk / "logs-first").glob("*/*/0/stdout.log"))
+    assert f"epoch {EPOCHS - 1}:" not in killed_log, killed_log  # killed mid-run, not after the end
+    # Both jobs at once: the resumed one and the uninterrupted reference (fresh ports each).
+    procs = start(interrupted, "logs-second") + start(reference, "logs-reference")
+    try:
+        results = collect(procs, timeout=240)
+    finally:
+        stop(procs)
+    for code, out in results:
+        assert code == 0 and ABORT_LINE not in out, out[-4000:]
+    resumed_log = next((trainers[0].disk / "logs-second").glob("*/attempt_0/0/stdout.log")).read_text()
+    epochs_run = [int(line.split()[1].rstrip(":")) for line in resumed_log.splitlines()
+                  if line.startswith("epoch ")]
+    assert epochs_run and epochs_run[0] >= 1 and epochs_run[-1] == EPOCHS - 1, resumed_log  # resumed
+    got, got_extra = fetch_latest(trainers[0], s3_env, f"{interrupted}/ckpt", "got")
+    want, want_extra = fetch_latest(trainers[0], s3_env, f"{reference}/ckpt", "want")
+    assert got_extra["step"] == want_extra["step"] == EPOCHS * STEPS_PER_EPOCH, (got_extra, want_extra)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
