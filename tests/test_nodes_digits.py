@@ -20,15 +20,16 @@ from tests.nodes_launch import collect, launch, make_bucket, start_s3, stop
 
 DIGITS = str(REPO / "examples" / "digits_ddp.py")
 EPOCHS, STEPS_PER_EPOCH = 2, 23  # 1437 training images, 32 per rank, 2 ranks
-# Copies the newest committed checkpoint under a store URL to a directory on the host's disk.
+# Copies the newest committed checkpoint under each store URL to a directory on the host's disk.
 FETCH = """
-import fsspec, sys
-url, out = sys.argv[1], sys.argv[2]
-fs, root = fsspec.core.url_to_fs(url)
-name = fs.cat(root + "/latest").decode().strip()
-for file in ("model.pt", "extra.json"):
-    fs.get(f"{root}/{name}/{file}", f"{out}/{file}")
-print(name)
+import fsspec, os, sys
+for url, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    fs, root = fsspec.core.url_to_fs(url)
+    name = fs.cat(root + "/latest").decode().strip()
+    os.makedirs(out)
+    for file in ("model.pt", "extra.json"):
+        fs.get(f"{root}/{name}/{file}", f"{out}/{file}")
+    print(name)
 """
 
 
@@ -46,14 +47,15 @@ def run_dir(hosts: list[Host], s3_env: dict[str, str], name: str) -> str:
     return f"{make_bucket(hosts[0], s3_env, f'{name}-{uuid.uuid4().hex[:6]}')}/run"
 
 
-def fetch_latest(host: Host, s3_env: dict[str, str], url: str,
-                 name: str) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
-    """The name, model state and extra values of the newest checkpoint under ``url``, read on ``host``."""
-    (host.disk / name).mkdir()
-    fetched = host.run([PYTHON, "-c", FETCH, url, str(host.workdir / name)], child_env(s3_env), check=True,
-                       timeout=60)
-    extra = json.loads((host.disk / name / "extra.json").read_text())["extra"]
-    return fetched.stdout.strip(), torch.load(host.disk / name / "model.pt"), extra
+def fetch_latest(host: Host, s3_env: dict[str, str],
+                 urls: list[str]) -> list[tuple[str, dict[str, torch.Tensor], dict[str, Any]]]:
+    """Name, model state and extra values of the newest checkpoint under each URL, read on ``host``."""
+    dirs = [f"fetched{i}" for i in range(len(urls))]
+    argv = [arg for url, name in zip(urls, dirs, strict=True) for arg in (url, str(host.workdir / name))]
+    fetched = host.run([PYTHON, "-c", FETCH, *argv], child_env(s3_env), check=True, timeout=120)
+    return [(name, torch.load(host.disk / folder / "model.pt"),
+             json.loads((host.disk / folder / "extra.json").read_text())["extra"])
+            for name, folder in zip(fetched.stdout.split(), dirs, strict=True)]
 
 
 def wait_for_output(host: Host, logs: str, text: str, procs: list[subprocess.Popen[str]],
@@ -106,8 +108,8 @@ def test_digits_on_two_hosts_resumes_exactly_after_every_process_is_killed(
     epochs_run = [int(line.split()[1].rstrip(":")) for line in resumed_log.splitlines()
                   if line.startswith("epoch ")]
     assert epochs_run == list(range(1, EPOCHS)), resumed_log  # resumed after epoch 0
-    got_name, got, got_extra = fetch_latest(trainers[0], s3_env, f"{interrupted}/ckpt", "got")
-    want_name, want, want_extra = fetch_latest(trainers[0], s3_env, f"{reference}/ckpt", "want")
+    [(got_name, got, got_extra), (want_name, want, want_extra)] = fetch_latest(
+        trainers[0], s3_env, [f"{interrupted}/ckpt", f"{reference}/ckpt"])
     assert got_name == want_name == f"step-{EPOCHS * STEPS_PER_EPOCH:08d}", (got_name, want_name)
     assert got_extra == want_extra and got_extra["epoch"] == EPOCHS - 1, (got_extra, want_extra)
     assert got.keys() == want.keys()
