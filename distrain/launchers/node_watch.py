@@ -32,6 +32,7 @@ from typing import Any
 from distrain.launchers.recovery import KEEP_ALIVE_INTERVAL_S, KEEP_ALIVE_MAX_ATTEMPT
 
 POLL_S = 0.5
+MIN_SILENT_S = 8.0  # an agent on a loaded machine can go a few seconds without running
 STORE_TIMEOUT_S = 5.0
 SENTINEL = b"Y2FuaW1hZGFt"  # what torch's c10d backend stores before the first round
 log = logging.getLogger(__name__)
@@ -39,10 +40,11 @@ log = logging.getLogger(__name__)
 
 def silent_after(conf: Mapping[str, Any]) -> float:
     """Seconds without a new heartbeat after which a node counts as lost: one beat more than
-    torch allows before it drops the node from the round, so a node torch keeps is never cut."""
+    torch allows before it drops the node from the round (a node torch keeps is never cut), and
+    at least :data:`MIN_SILENT_S` (stopping workers is not harmless, unlike torch's dropping)."""
     interval = float(conf.get("keep_alive_interval", KEEP_ALIVE_INTERVAL_S))
     attempts = int(conf.get("keep_alive_max_attempt", KEEP_ALIVE_MAX_ATTEMPT))
-    return interval * (attempts + 1)
+    return max(MIN_SILENT_S, interval * (attempts + 1))
 
 
 def watched(backend: str, endpoint: str, max_nodes: int, conf: Mapping[str, Any]) -> bool:

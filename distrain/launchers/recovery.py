@@ -6,8 +6,9 @@ without a heartbeat, and once enough nodes are back the round stays open ``last_
 (30 s) for stragglers. distrain shortens both for ``--rdzv-backend c10d`` (anything given in
 ``--rdzv-conf`` wins):
 
-* a node is declared gone after 2 s x 3 = 6 s without a heartbeat;
-* the round closes 3 s after the minimum number of nodes is back. A node that arrives later
+* a node is declared gone after 1 s x 4 = 4 s without a heartbeat (torch then only drops it
+  from the round's books: a live node that was merely slow goes on undisturbed);
+* the round closes 2 s after the minimum number of nodes is back. A node that arrives later
   waits, and the running nodes restart once more to admit it (torch counts that as a
   membership change, not as one of ``--max-restarts``).
 
@@ -30,9 +31,9 @@ if TYPE_CHECKING:
 
 S3_URL_PREFIX = "s3://"
 S3_CLIENT_MODULE = "s3fs"
-KEEP_ALIVE_INTERVAL_S = 2
-KEEP_ALIVE_MAX_ATTEMPT = 3
-LAST_CALL_TIMEOUT_S = 3
+KEEP_ALIVE_INTERVAL_S = 1
+KEEP_ALIVE_MAX_ATTEMPT = 4
+LAST_CALL_TIMEOUT_S = 2
 
 #: Seconds without a heartbeat after which a node is declared gone.
 NODE_LOST_AFTER_S = KEEP_ALIVE_INTERVAL_S * KEEP_ALIVE_MAX_ATTEMPT
