@@ -29,7 +29,8 @@ for url, out in zip(sys.argv[1::2], sys.argv[2::2]):
     os.makedirs(out)
     for file in ("model.pt", "extra.json"):
         fs.get(f"{root}/{name}/{file}", f"{out}/{file}")
-    print(name)
+    events = fs.glob(root.rsplit("/", 1)[0] + "/tb/*tfevents*")  # the run's TensorBoard events
+    print(name, len(events))
 """
 
 
@@ -48,14 +49,16 @@ def run_dir(hosts: list[Host], s3_env: dict[str, str], name: str) -> str:
 
 
 def fetch_latest(host: Host, s3_env: dict[str, str],
-                 urls: list[str]) -> list[tuple[str, dict[str, torch.Tensor], dict[str, Any]]]:
-    """Name, model state and extra values of the newest checkpoint under each URL, read on ``host``."""
+                 urls: list[str]) -> list[tuple[str, dict[str, torch.Tensor], dict[str, Any], int]]:
+    """Name, model state and extra values of the newest checkpoint under each URL (read on
+    ``host``), and how many TensorBoard event files lie beside it in the store."""
     dirs = [f"fetched{i}" for i in range(len(urls))]
     argv = [arg for url, name in zip(urls, dirs, strict=True) for arg in (url, str(host.workdir / name))]
     fetched = host.run([PYTHON, "-c", FETCH, *argv], child_env(s3_env), check=True, timeout=120)
+    lines = [line.split() for line in fetched.stdout.splitlines()]
     return [(name, torch.load(host.disk / folder / "model.pt"),
-             json.loads((host.disk / folder / "extra.json").read_text())["extra"])
-            for name, folder in zip(fetched.stdout.split(), dirs, strict=True)]
+             json.loads((host.disk / folder / "extra.json").read_text())["extra"], int(events))
+            for (name, events), folder in zip(lines, dirs, strict=True)]
 
 
 def wait_for_output(host: Host, logs: str, text: str, procs: list[subprocess.Popen[str]],
@@ -108,8 +111,9 @@ def test_digits_on_two_hosts_resumes_exactly_after_every_process_is_killed(
     epochs_run = [int(line.split()[1].rstrip(":")) for line in resumed_log.splitlines()
                   if line.startswith("epoch ")]
     assert epochs_run == list(range(1, EPOCHS)), resumed_log  # resumed after epoch 0
-    [(got_name, got, got_extra), (want_name, want, want_extra)] = fetch_latest(
+    [(got_name, got, got_extra, got_events), (want_name, want, want_extra, want_events)] = fetch_latest(
         trainers[0], s3_env, [f"{interrupted}/ckpt", f"{reference}/ckpt"])
+    assert got_events == 2 and want_events == 1  # TensorBoard events in the store: one file per start
     assert got_name == want_name == f"step-{EPOCHS * STEPS_PER_EPOCH:08d}", (got_name, want_name)
     assert got_extra == want_extra and got_extra["epoch"] == EPOCHS - 1, (got_extra, want_extra)
     assert got.keys() == want.keys()
