@@ -87,6 +87,7 @@ def test_digits_on_two_hosts_resumes_exactly_after_every_process_is_killed(
                       extra_flags=["--log-dir", str(trainers[0].workdir / logs)],
                       args=["--run-dir", url, "--epochs", str(EPOCHS)])
 
+    began = time.monotonic()
     first = start(interrupted, "logs-first")
     try:
         # Printed after the epoch's checkpoint is committed (a synchronous save).
@@ -99,12 +100,15 @@ def test_digits_on_two_hosts_resumes_exactly_after_every_process_is_killed(
     assert len(killed) >= 4  # an agent and a rank on each host
     killed_log = "".join(p.read_text() for p in (trainers[0].disk / "logs-first").glob("*/*/0/stdout.log"))
     assert f"epoch {EPOCHS - 1}:" not in killed_log, killed_log  # killed mid-run, not after the end
+    killed_at = time.monotonic()
     # Both jobs at once: the resumed one and the uninterrupted reference (fresh ports each).
     procs = start(interrupted, "logs-second") + start(reference, "logs-reference")
     try:
         results = collect(procs, timeout=240)
     finally:
         stop(procs)
+    print(f"first run to the kill {killed_at - began:.1f} s, resumed + reference runs "
+          f"{time.monotonic() - killed_at:.1f} s")
     for code, out in results:
         assert code == 0 and ABORT_LINE not in out, out[-4000:]
     resumed_log = next((trainers[0].disk / "logs-second").glob("*/attempt_0/0/stdout.log")).read_text()
