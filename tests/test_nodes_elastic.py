@@ -17,14 +17,17 @@ from typing import Any
 import pytest
 import torch
 
+from distrain.launchers.node_watch import silent_after
+from distrain.launchers.recovery import KEEP_ALIVE_INTERVAL_S
 from tests.helpers import ABORT_LINE, REPO
 from tests.hosts import Host, hosts_or_skip
 from tests.nodes_launch import collect, launch, make_bucket, rdzv_flags, start_agent, start_s3, stop
 
 TRAIN = str(REPO / "tests" / "scripts" / "nodes_train.py")
 LENGTH, GLOBAL, STEPS = 128, 16, 24  # 8 steps an epoch, 3 epochs
-RECOVERY_BOUND_S = 30  # target 20 s (docs/multi-node.md); slack for a loaded machine
+RECOVERY_BOUND_S = 20  # the issue's bound: training again within 20 s of a host's loss
 ELASTIC = ["--nproc-per-node", "2", "--max-restarts", "3"]
+SILENT_AFTER_S = silent_after({})  # the launcher's default: a node silent this long is lost
 
 
 class Cluster:
@@ -155,14 +158,13 @@ def test_a_late_host_joins_then_leaves_and_the_math_is_that_of_4_ranks(cluster: 
 
 
 @pytest.mark.timeout(300)
-def test_a_partitioned_host_is_noticed_within_the_collective_timeout(cluster: Cluster) -> None:
-    """host1's link goes down (its processes run on, unreachable): host0 notices when its collective
-    times out (the script's ``ddp.init(timeout=...)``), restarts alone and finishes."""
+def test_a_partitioned_host_is_noticed_by_the_launcher_without_a_collective_timeout(cluster: Cluster) -> None:
+    """host1's link goes down (its processes run on, unreachable) and the script keeps gloo's
+    30-minute collective timeout: host0's launcher sees host1's rendezvous heartbeat stop, stops
+    its own workers, restarts alone from the last checkpoint and finishes."""
     host0, host1 = cluster.trainers
-    timeout = 20
     procs = launch(cluster.trainers, "c10d", TRAIN, nproc=1, nnodes="1:2", extra_flags=ELASTIC[2:],
-                   args=[*cluster.args("partition", steps=12), "--timeout", str(timeout)],
-                   env=cluster.env("partition"))
+                   args=cluster.args("partition", steps=12), env=cluster.env("partition"))
     try:
         wait_for_step(host0, "partition", 5, procs)
         cut_at = time.time()
@@ -173,11 +175,12 @@ def test_a_partitioned_host_is_noticed_within_the_collective_timeout(cluster: Cl
         host1.kill_all()
         stop(procs)
     assert code == 0 and ABORT_LINE not in out, out[-4000:]
+    assert f"distrain: lost node host1: no rendezvous heartbeat for {SILENT_AFTER_S:g} s" in out, out[-4000:]
     starts = records(host0, "partition", "starts.jsonl")
     assert [s["world"] for s in starts] == [2, 1], starts
     again = min(r["time"] for r in records(host0, "partition", "steps-0.jsonl") if r["world"] == 1)
     print(f"survivor trained again {again - cut_at:.1f} s after the link went down")
-    assert again - cut_at < timeout + RECOVERY_BOUND_S
+    assert again - cut_at < SILENT_AFTER_S + KEEP_ALIVE_INTERVAL_S + RECOVERY_BOUND_S
 
 
 @pytest.mark.timeout(240)

@@ -1,5 +1,5 @@
-"""Start-up checks and the lost-host name, without processes (the multi-host runs are in
-test_nodes_elastic.py)."""
+"""Start-up checks, the lost-host name and the recovery settings, without processes (the
+multi-host runs are in test_nodes_elastic.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from distrain.launchers.recovery import NODE_LOST_AFTER_S, c10d_recovery_conf
+from distrain.launch_config import LaunchConfig
+from distrain.launchers.node_watch import silent_after, watched
+from distrain.launchers.recovery import NODE_LOST_AFTER_S, c10d_recovery_conf, restart_preload
 from distrain.preflight import endpoint_problem, main, store_problem
 from distrain.results import lost_peer
 from tests.helpers import free_port
@@ -45,6 +47,23 @@ def test_a_peer_on_this_machine_is_not_named_as_a_lost_host() -> None:
 
 
 def test_recovery_defaults_yield_to_the_user() -> None:
-    assert NODE_LOST_AFTER_S == 6
     conf = c10d_recovery_conf({"last_call_timeout": "30"})
-    assert conf == {"keep_alive_interval": 2, "keep_alive_max_attempt": 3, "last_call_timeout": "30"}
+    assert conf == {"keep_alive_interval": 1, "keep_alive_max_attempt": 4, "last_call_timeout": "30"}
+
+
+def test_a_silent_node_counts_as_lost_one_heartbeat_after_torch_drops_it() -> None:
+    assert NODE_LOST_AFTER_S == 4 and silent_after({}) == 8
+    assert silent_after({"keep_alive_interval": "5", "keep_alive_max_attempt": "3"}) == 20
+    assert watched("c10d", "host0:29400", 2, {}) and not watched("c10d", "host0:29400", 1, {})
+    assert not watched("static", "host0:29400", 2, {})
+    assert not watched("c10d", "/tmp/rdzv", 2, {"store_type": "file"})
+
+
+def test_a_job_that_may_restart_preloads_the_s3_client_when_a_store_url_is_an_argument() -> None:
+    def preload(*args: str, restarts: int = 1) -> list[str]:
+        return list(restart_preload(LaunchConfig(entrypoint="train.py", args=args, max_restarts=restarts)))
+
+    assert preload("--ckpt", "s3://bucket/run") == ["auto", "torch._dynamo", "s3fs"]
+    assert preload("--ckpt=s3://bucket/run") == ["auto", "torch._dynamo", "s3fs"]
+    assert preload("--ckpt", "runs/x") == ["auto", "torch._dynamo"]
+    assert preload("--ckpt", "s3://bucket/run", restarts=0) == ["auto"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from distrain.launch_args import parse_launch_args
+from distrain.launch_cli import parse_launch_args
 from tests.helpers import PYTHON, REPO, child_env, run_cmd
 
 # What a CI runner started by `srun` on node 2 of 2 of job 77 has.

@@ -74,7 +74,7 @@ def _read_once(path: CheckpointPath) -> contextlib.AbstractContextManager[None]:
     verified) downloaded once, not once per reader."""
     if isinstance(path, Path):
         return contextlib.nullcontext()
-    from distrain.ckpt.sharded import SHARD_SUFFIX
+    from distrain.ckpt.dcp_names import SHARD_SUFFIX
 
     return path.remote.read_once(lambda url: not url.endswith(SHARD_SUFFIX))
 

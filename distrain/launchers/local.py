@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from distrain.env import default_omp_num_threads, scoped_environ
 from distrain.launchers.base import Launcher
+from distrain.launchers.node_watch import watching_nodes
 from distrain.launchers.recovery import c10d_recovery_conf, restart_preload
 from distrain.launchers.restart_notice import restart_notices
 from distrain.results import RankFailure, RunResult, causes_first, classify, tail_text
@@ -163,14 +164,15 @@ class LocalLauncher(Launcher):
                 start_server(restart_preload(config), str(config.entrypoint), module=config.module,
                              nproc=config.nproc_per_node)
             try:
-                return self._launch(config, watch)
+                return self._launch(config, watch, reaper.workers)
             finally:
                 if forkserver:
                     stop_server()  # after any fork in flight; its live children come to us
                 # Workers elastic did not stop: a signal that came while it started them.
                 reaper.stop_leftovers()
 
-    def _launch(self, config: LaunchConfig, watch: HangWatch) -> RunResult:
+    def _launch(self, config: LaunchConfig, watch: HangWatch,
+                workers: Callable[[], set[int]]) -> RunResult:
         from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
         from torch.distributed.elastic.multiprocessing.api import SignalException
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -213,8 +215,11 @@ class LocalLauncher(Launcher):
             by_time = sorted(found.items(), key=lambda item: (_failed_at(item[1]), item[0]))
             return causes_first(primary_failures([_describe_failure(r, f, attempt_dir) for r, f in by_time]))
 
+        node_watch = None
+        nodes = watching_nodes(backend=backend, endpoint=endpoint, run_id=run_id, conf=conf,
+                               max_nodes=config.max_nodes, local_addr=config.local_addr, workers=workers)
         try:
-            with quiet_function_failures(), restart_notices(failed_first):
+            with quiet_function_failures(), restart_notices(failed_first), nodes as node_watch:
                 outputs = elastic_launch(torch_config, entrypoint)(*args)
             values = {rank: value for rank, value in (outputs or {}).items()}
             if not values:
@@ -224,7 +229,8 @@ class LocalLauncher(Launcher):
         except ChildFailedError as error:
             found = {**_recorded_elsewhere(error.failures, _attempt_dir(log_root, run_id)), **error.failures}
             failures = failed_first(found)
-            return RunResult(return_values={}, failures=failures, diagnosis=watch.diagnosis,
+            lost = node_watch.lost_line() if node_watch is not None else ""
+            return RunResult(return_values={}, failures=failures, diagnosis=watch.diagnosis or lost,
                              log_dir=None if own_log_dir else log_root)
         except SignalException as error:
             return RunResult(return_values={}, signal=signal_module.Signals(error.sigval).name,

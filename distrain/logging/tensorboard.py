@@ -37,6 +37,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from distrain.ckpt.remote import is_url
 from distrain.errors import ConfigError
 from distrain.group import resolve
 from distrain.logging.perf import PerfScalars
@@ -115,6 +116,9 @@ class TBLogger:
         if not isinstance(flush_secs, (int, float)) or flush_secs <= 0:
             raise ConfigError("flush_secs", flush_secs, "a positive number of seconds", "e.g. 10")
         self.log_dir = Path(log_dir)
+        # An object-store URL (s3://bucket/run/tb) goes to tensorboardX as it is: its own S3
+        # writer uploads the events (Path() would turn it into a local "s3:/..." directory).
+        self._url = str(log_dir).rstrip("/") if is_url(str(log_dir)) else None
         self.enabled = bool(resolve(ctx).is_main)
         self.purge_step = purge_step
         self.flush_secs = float(flush_secs)
@@ -132,14 +136,14 @@ class TBLogger:
 
         from distrain.group import on_cleanup
 
-        if self.purge_step is None and has_event_files(self.log_dir):
+        if self.purge_step is None and self._url is None and has_event_files(self.log_dir):
             log.warning(
                 "distrain: %s already holds TensorBoard events; when resuming pass "
                 "TBLogger(..., purge_step=FIRST_STEP) or TensorBoard shows duplicate points",
                 self.log_dir,
             )
         writer = SummaryWriter(
-            logdir=str(self.log_dir), flush_secs=max(1, round(self.flush_secs)),
+            logdir=self._url or str(self.log_dir), flush_secs=max(1, round(self.flush_secs)),
             filename_suffix=_unique_suffix(),
         )
         sink = Sink(writer)
@@ -314,9 +318,10 @@ class TBLogger:
         with self._sink.writing() as writer:
             if writer is None:
                 return
-            for old in target.glob("*tfevents*"):
+            for old in target.glob("*tfevents*") if self._url is None else ():
                 old.unlink()
-            with SummaryWriter(logdir=str(target), filename_suffix=_unique_suffix()) as session:
+            where = f"{self._url}/{HPARAMS_SUBDIR}" if self._url else str(target)
+            with SummaryWriter(logdir=where, filename_suffix=_unique_suffix()) as session:
                 for summary in (experiment, start, end):
                     session.file_writer.add_summary(summary)
                 for tag, value in values.items():
