@@ -93,7 +93,7 @@ def stall(bucket: str, reps: int, steps: int) -> dict[str, Any]:
 
 
 def run_bench(reps: int = 3, *, steps: int = 12) -> dict[str, Any]:
-    from tests.s3server import s3_server
+    from tests.helpers.s3server import s3_server
 
     local = Path(tempfile.mkdtemp(prefix="bench-ckpt-s3-"))
     note_before = load_note()

@@ -356,7 +356,7 @@ def run(trials: int = 20, *, seed: int = 0, keep: Path | None = None, start_meth
     ``s3``: the trials checkpoint to moto's S3 server on 127.0.0.1 (started here) instead."""
     if s3:
         from distrain.env import scoped_environ
-        from tests.s3server import s3_server
+        from tests.helpers.s3server import s3_server
 
         with s3_server() as server, scoped_environ(server.env()):  # the launched ranks inherit it
             return _run(trials, seed=seed, keep=keep, start_method=start_method, scenarios=scenarios,

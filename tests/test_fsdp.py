@@ -10,7 +10,7 @@ from distrain import ddp
 from distrain.errors import ConfigError
 from distrain.fsdp import choose_blocks
 from tests.helpers import spawn_multi_process
-from tests.sharded_train import Block, Net
+from tests.helpers.sharded_train import Block, Net
 
 
 def test_block_choice() -> None:

@@ -1,4 +1,4 @@
-"""The training run the fault trials interrupt (bench/fault_trials.py, tests/test_fault_trials.py).
+"""The training run the fault trials interrupt (bench/fault_trials.py, tests/ckpt/test_fault_trials.py).
 
 A dropout MLP under DDP on a shuffled resumable loader, SGD with momentum and a step schedule;
 every rank draws its own dropout masks, so restoring a wrong RNG state or batch shows in the

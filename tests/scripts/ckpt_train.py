@@ -1,4 +1,4 @@
-"""A real training run with checkpoints, for tests/test_ckpt_resume.py.
+"""A real training run with checkpoints, for tests/ckpt/test_ckpt_resume.py.
 
 A dropout MLP under DDP on a shuffled loader with a worker process; every step also draws from
 numpy and ``random`` so that each RNG a rank owns changes the result. It resumes from the newest

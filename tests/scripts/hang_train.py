@@ -1,4 +1,4 @@
-"""A small DDP loop whose ranks can hang or slow down on purpose (tests/test_hangs.py).
+"""A small DDP loop whose ranks can hang or slow down on purpose (tests/launch/test_hangs.py).
 
 --hang-rank R --hang-step S: rank R sleeps for ten minutes at step S (first attempt only).
 --loader-hang: instead, rank R blocks inside its DataLoader (the dataset's __getitem__).

@@ -1,6 +1,6 @@
 """Console output of a short fake epoch: config table, progress (bar or lines), summary.
 
-Run by tests/test_logging_progress.py with stdout on a pipe or on a pseudo-terminal.
+Run by tests/logging/test_logging_progress.py with stdout on a pipe or on a pseudo-terminal.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A tiny DDP training run that logs the standard set and resumes from its own checkpoint.
 
-Used by tests/test_logging_tb.py: run it, SIGKILL rank 0 once ``--hang-after`` steps are logged
+Used by tests/logging/test_logging_tb.py: run it, SIGKILL rank 0 once ``--hang-after`` steps are logged
 (it prints ``ready-to-kill PID``, then waits), run it again: it restores the last checkpoint
 and logs with ``purge_step`` so TensorBoard's step axis has no duplicates.
 """

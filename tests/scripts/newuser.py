@@ -1,4 +1,4 @@
-"""What a new user's script does wrong (or right), by mode (argv[1]); see tests/test_newuser.py."""
+"""What a new user's script does wrong (or right), by mode (argv[1]); see tests/launch/test_newuser.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A 2-rank DDP run checkpointing to object storage, for tests/test_ckpt_s3.py (run by the launcher).
+"""A 2-rank DDP run checkpointing to object storage, for tests/ckpt/test_ckpt_s3.py (run by the launcher).
 
 ``python s3_train.py SPEC.json``; SPEC: a list of phases, run in turn by the same ranks, each
 ``{"steps": N, "save_every": k, "load": URL or null, "save": [{"root": URL, "async": bool,

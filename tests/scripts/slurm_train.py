@@ -1,4 +1,4 @@
-"""A small DDP run that saves and exits on SIGTERM, for tests/test_slurm*.py.
+"""A small DDP run that saves and exits on SIGTERM, for tests/cluster/test_slurm*.py.
 
 Resumes from ``RUN_DIR/ckpt``; trains to ``--steps``; on ``distrain.preemption.StopSignal`` saves
 and exits. ``--gate-at K`` makes a fresh (not resumed) run wait at step K until its SIGTERM comes
