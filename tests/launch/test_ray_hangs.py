@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 # Read when Ray is imported: the cluster then binds the loopback (see pitfalls.md).
@@ -27,6 +28,18 @@ SCRIPT = REPO / "tests" / "scripts" / "hang_train.py"
 BOUND_S = 240  # start-up alone can take a minute on the shared 2-core machine
 
 
+@pytest.fixture
+def launches() -> Iterator[list[Launcher]]:
+    """The test's launchers, killed (with their session) if the test ends before they do."""
+    started: list[Launcher] = []
+    try:
+        yield started
+    finally:
+        for launch in started:
+            if launch.proc.poll() is None:
+                launch.kill()
+
+
 def sleep_line() -> int:
     for number, line in enumerate(SCRIPT.read_text().splitlines(), start=1):
         if "# HANG: sleep" in line:
@@ -36,12 +49,13 @@ def sleep_line() -> int:
 
 @pytest.mark.timeout(300)
 def test_a_hung_ray_rank_is_named_with_its_line_and_the_group_stopped(
-        cluster: LoopbackCluster, tmp_path: Path) -> None:
+        cluster: LoopbackCluster, tmp_path: Path, launches: list[Launcher]) -> None:
     logs, pids = tmp_path / "logs", tmp_path / "pids"
     pids.mkdir()
     launch = Launcher(cluster, "--num-workers", "2", "--hang-timeout", "10", "--rdzv-id", "rayhang",
                       "--log-dir", str(logs), str(SCRIPT), "--hang-rank", "1", "--hang-step", "5",
                       "--pids", str(pids))
+    launches.append(launch)
     launch.wait_for("HANGING NOW", 1, BOUND_S)
     hung_at = time.monotonic()
     assert launch.finish(BOUND_S) == 1, launch.text()
@@ -63,12 +77,14 @@ def test_a_hung_ray_rank_is_named_with_its_line_and_the_group_stopped(
 
 
 @pytest.mark.timeout(300)
-def test_a_hung_ray_group_restarts_and_completes(cluster: LoopbackCluster, tmp_path: Path) -> None:
+def test_a_hung_ray_group_restarts_and_completes(cluster: LoopbackCluster, tmp_path: Path,
+                                                 launches: list[Launcher]) -> None:
     pids = tmp_path / "pids"
     pids.mkdir()
     launch = Launcher(cluster, "--num-workers", "2", "--hang-timeout", "10", "--max-restarts", "1",
                       str(SCRIPT), "--hang-rank", "1", "--hang-step", "5", "--steps", "8",
                       "--ckpt", str(tmp_path / "ckpt"), "--pids", str(pids))
+    launches.append(launch)
     launch.wait_for("HANGING NOW", 1, BOUND_S)
     # On demand, while it hangs: `distrain stacks` signals the Ray launcher, which prints them.
     asked = distrain("stacks", str(launch.proc.pid), timeout=60)
