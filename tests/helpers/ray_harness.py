@@ -174,18 +174,20 @@ def local_two_nodes(*script: str) -> None:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LoopbackCluster]:
     temp_dir = tempfile.mkdtemp(prefix="dray-", dir="/tmp")  # short: Ray's socket paths
-    # The in-process head installs Ray's SIGTERM handler (it exits); later tests need theirs.
-    with pytest.MonkeyPatch.context() as patch, restored_signal_handlers():
-        patch.setenv("RAY_TMPDIR", temp_dir)
-        patch.delenv("RAY_ADDRESS", raising=False)
-        loopback = LoopbackCluster(temp_dir)
-        try:
-            yield loopback
-        finally:
-            loopback.shutdown()
-    leftovers = processes_mentioning(temp_dir)
-    assert not leftovers, f"Ray processes outlived the cluster: {describe(leftovers)}"
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    try:
+        # The in-process head installs Ray's SIGTERM handler (it exits); later tests need theirs.
+        with pytest.MonkeyPatch.context() as patch, restored_signal_handlers():
+            patch.setenv("RAY_TMPDIR", temp_dir)
+            patch.delenv("RAY_ADDRESS", raising=False)
+            loopback = LoopbackCluster(temp_dir)
+            try:
+                yield loopback
+            finally:
+                loopback.shutdown()
+        leftovers = processes_mentioning(temp_dir)
+        assert not leftovers, f"Ray processes outlived the cluster: {describe(leftovers)}"
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)  # also when the cluster failed to start
 
 
 @pytest.fixture(autouse=True)
