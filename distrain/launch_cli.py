@@ -26,6 +26,7 @@ from distrain.launch_config import (
     LaunchConfig,
     RayOptions,
 )
+from distrain.std_spec import std_values
 
 # -- the parser --------------------------------------------------------------------------------
 
@@ -285,13 +286,12 @@ def parse_rdzv_conf(text: str) -> dict[str, str]:
 def parse_std(text: str, flag: str, nproc: int) -> str:
     """``--redirects`` / ``--tee``: 0-3 for all ranks, or ``LOCAL_RANK:0-3,...``."""
     fix = f"use 0 (none), 1 (stdout), 2 (stderr) or 3 (both), e.g. {flag} 3 or {flag} 0:3,1:1"
-    items = [text] if ":" not in text else text.split(",")
-    for item in items:
-        rank_text, _, value = item.rpartition(":")
-        if value not in ("0", "1", "2", "3"):
-            raise ConfigError(flag, text, "0, 1, 2, 3 or LOCAL_RANK:VALUE pairs", fix)
-        if rank_text and (not rank_text.isdigit() or int(rank_text) >= nproc):
-            raise ConfigError(flag, text, f"local ranks below {nproc}", fix)
+    try:
+        ranks = [rank for rank in std_values(text) if rank is not None]
+    except ValueError:
+        raise ConfigError(flag, text, "0, 1, 2, 3 or LOCAL_RANK:VALUE pairs", fix) from None
+    if any(rank >= nproc for rank in ranks):
+        raise ConfigError(flag, text, f"local ranks below {nproc}", fix)
     return text
 
 

@@ -17,23 +17,13 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from distrain.results import tail_text
+from distrain.std_spec import std_value
 
 if TYPE_CHECKING:
     from distrain.launch_config import LaunchConfig
 
 TAIL_LINES = 20
 _STREAM_BIT = {"stdout": 1, "stderr": 2}
-
-
-def std_value(spec: str, local_rank: int) -> int:
-    """``--redirects``/``--tee`` for one local rank: ``"3"`` or ``"0:3,1:1"`` -> 0..3."""
-    if ":" not in spec:
-        return int(spec)
-    for item in spec.split(","):
-        rank_text, _, value = item.rpartition(":")
-        if int(rank_text) == local_rank:
-            return int(value)
-    return 0
 
 
 def on_console(config: LaunchConfig, local_rank: int, stream: str) -> bool:

@@ -18,7 +18,7 @@ from distrain.launch import LaunchConfig, RankFailure, RayOptions
 from distrain.launch_cli import config_from_args, parse_launch_args
 from distrain.launchers.ray import check_ray_config, function_payload
 from distrain.launchers.ray_group import RayRankFailure, assign_ranks
-from distrain.launchers.ray_output import on_console, std_value
+from distrain.launchers.ray_output import on_console
 from distrain.launchers.ray_session import (
     Target,
     _is_loopback,
@@ -28,6 +28,7 @@ from distrain.launchers.ray_session import (
     forwarded_env,
     plan_command,
 )
+from distrain.std_spec import std_value
 from tests.helpers import REPO
 
 SCRIPTS = REPO / "tests" / "scripts"
