@@ -51,7 +51,6 @@ __all__ = [
     "choose_strategy",
     "cleanup",
     "clip_grad_norm",
-    "exiting_on_error",
     "grad_scaler",
     "init",
     "on_cleanup",
@@ -203,12 +202,6 @@ def on_cleanup(method: Callable[[], Any]) -> None:
 FINAL_BARRIER_SECONDS = 60.0
 
 
-def exiting_on_error() -> bool:
-    """True while an exception is on its way out (or the interpreter has reported one): this
-    rank must not enter a collective its healthy peers may not be in."""
-    return sys.exc_info()[0] is not None or hasattr(sys, "last_value")
-
-
 def cleanup(*, synchronize: bool | None = None) -> None:
     """Finish pending writes, release DDP/FSDP state, synchronise, destroy the group. Idempotent.
 
@@ -218,7 +211,7 @@ def cleanup(*, synchronize: bool | None = None) -> None:
     by ``FINAL_BARRIER_SECONDS``.
     """
     if synchronize is None:
-        synchronize = not exiting_on_error()
+        synchronize = sys.exc_info()[0] is None and not hasattr(sys, "last_value")
     pending, _before_cleanup[:] = list(_before_cleanup), []
     for ref in pending:
         method = ref()

@@ -79,8 +79,8 @@ class Checkpointer:
     ``keep_last``: how many of the newest checkpoints to keep (None: all); ``keep_every``: also
     keep every checkpoint whose step is a multiple of it. ``async_save``: ``save`` only copies
     the state to CPU memory and returns; a background thread writes it (one save in flight at
-    most; ``wait()``, the next ``save`` and ``distrain.ddp.cleanup()`` join it and raise its
-    error on every rank).
+    most; ``wait()`` and the next ``save`` join it and raise its error on every rank;
+    ``distrain.ddp.cleanup()`` joins it and reports the error where it happened).
     ``sharded``: write sharded checkpoints (every rank its shard, through DCP); None (default):
     sharded when a saved model is FSDP-wrapped, full (rank 0 writes) otherwise.
     ``storage_options``: passed to fsspec when ``root`` is a URL (credentials, ``endpoint_url``);
@@ -205,11 +205,9 @@ class Checkpointer:
         self._wait(agree_everywhere=True)
 
     def _wait_at_cleanup(self) -> None:
-        # A rank on its way out with an exception must not enter a collective its peers may
-        # not be in: it only finishes its own part.
-        from distrain.ddp import exiting_on_error
-
-        self._wait(agree_everywhere=not exiting_on_error())
+        # Local only: at cleanup this Checkpointer may already be gone on another rank (nothing
+        # keeps it alive there), which would leave this one alone in the collective.
+        self._wait(agree_everywhere=False)
 
     def _wait(self, *, agree_everywhere: bool) -> None:
         if self._snapshots is not None:
