@@ -68,7 +68,7 @@ from distrain.ckpt.store import (
 )
 from distrain.collectives import broadcast, first_failure
 from distrain.errors import ConfigError
-from distrain.group import exiting_on_error, resolve
+from distrain.group import resolve
 from distrain.version import __version__
 
 if TYPE_CHECKING:
@@ -84,8 +84,9 @@ class Checkpointer:
         keep_last: How many of the newest checkpoints to keep (None: all).
         keep_every: Also keep every checkpoint whose step is a multiple of it.
         async_save: ``save`` only copies the state to CPU memory and returns; a background
-            thread writes it (one save in flight at most; ``wait()``, the next ``save`` and
-            ``distrain.cleanup()`` join it and raise its error on every rank).
+            thread writes it (one save in flight at most; ``wait()`` and the next ``save`` join it and
+            raise its error on every rank; ``distrain.cleanup()`` joins it and reports the error
+            where it happened).
         sharded: Write sharded checkpoints (every rank its shard, through DCP); None: sharded
             when a saved model is FSDP-wrapped, full (rank 0 writes) otherwise.
         storage_options: Passed to fsspec when ``root`` is a URL (credentials, ``endpoint_url``);
@@ -242,9 +243,9 @@ class Checkpointer:
         self._wait(agree_everywhere=True)
 
     def _wait_at_cleanup(self) -> None:
-        # A rank on its way out with an exception must not enter a collective its peers may
-        # not be in: it only finishes its own part.
-        self._wait(agree_everywhere=not exiting_on_error())
+        # Local only: at cleanup this Checkpointer may already be gone on another rank (nothing
+        # keeps it alive there), which would leave this one alone in the collective.
+        self._wait(agree_everywhere=False)
 
     def _wait(self, *, agree_everywhere: bool) -> None:
         if self._snapshots is not None:
