@@ -17,6 +17,7 @@ sharded vs full). A section that fails is reported and the others still run; the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -30,7 +31,7 @@ from typing import Any
 
 if not __package__:  # run as a script: python bench/run_all.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import ckpt_s3, ckpt_stall, fault_trials, overhead, snapshots, startup, startup_ray
+from bench import ckpt_s3, ckpt_stall, fault_trials, overhead, readme, snapshots, startup, startup_ray
 from bench.common import REPO, load_note, machine
 
 SECTIONS = ("overhead", "startup", "ray", "ckpt", "ckpt_s3", "faults", "snapshots", "sharded")
@@ -97,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", default="", help=f"comma-separated sections of {', '.join(SECTIONS)}")
     parser.add_argument("--skip", default="", help="comma-separated sections to leave out")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
+    parser.add_argument("--readme", default=str(REPO / "bench" / "README.md"),
+                        help="whose latest-run block to rewrite from --out ('' to leave it)")
     args = parser.parse_args(argv)
     chosen = [s for s in filter(None, args.only.split(","))] or list(SECTIONS)
     unknown = sorted(set(chosen + args.skip.split(",")) - set(SECTIONS) - {""})
@@ -110,21 +113,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine(), "command": " ".join(["python", "bench/run_all.py", *(argv or sys.argv[1:])]),
         "started": datetime.datetime.now().isoformat(timespec="seconds"), "load_at_start": load_note(),
         "plan": {"reps": plan.reps, "sizes": plan.sizes, "fault_trials": plan.fault_trials,
-                 "quick": args.quick}, "results": {}, "seconds": {}, "errors": {},
+                 "quick": args.quick}, "results": {}, "tables": {}, "seconds": {}, "errors": {},
     }
     print(f"bench: {report['machine']}; {report['load_at_start']}; sections {', '.join(todo)}", flush=True)
     for name in todo:
         print(f"\n== {name} ==", flush=True)
         start = time.monotonic()
+        printed = readme.Tee(sys.stdout)
         try:
-            report["results"][name] = available[name]()
+            with contextlib.redirect_stdout(printed):
+                report["results"][name] = available[name]()
         except Exception as error:  # one broken section must not hide the others' numbers
             traceback.print_exc()
             report["errors"][name] = f"{type(error).__name__}: {str(error)[:2000]}"
+        report["tables"][name] = readme.tables_in(printed.text())
         report["seconds"][name] = round(time.monotonic() - start, 1)
         args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")  # partial results survive
     report["load_at_end"] = load_note()
     args.out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    if args.readme:
+        readme.write(args.out, Path(args.readme))
+        print(f"bench: {args.readme}'s latest-run block rewritten from {args.out}", flush=True)
     total = sum(report["seconds"].values())
     print(f"\nbench: {len(todo) - len(report['errors'])}/{len(todo)} sections ran in {total / 60:.1f} min; "
           f"results in {args.out}", flush=True)
