@@ -61,15 +61,19 @@ def _is_mp_helper(proc: psutil.Process) -> bool:
         return False
 
 
-# `make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`). Each module stays on
-# one worker, so its module-scoped fixtures (S3 server, hosts, a SLURM cluster) are built once; the
-# modules that start a Ray cluster run on one worker one after another, as do the SLURM modules
-# (Ray's local cluster and SLURM's daemons are fine alone, never tried side by side).
-_SHARED_GROUPS = {"ray": ("test_ray_",), "slurm": ("test_slurm",)}
+# `make test` runs the suite on three pytest-xdist workers (`--dist loadgroup`): most tests wait on
+# processes they started. Each module stays on one worker, so its module-scoped fixtures (S3 server,
+# hosts, a SLURM cluster) are built once; the tests that start a Ray cluster on this machine's
+# loopback run on one worker one after another, as do the modules that start SLURM daemons (fine
+# alone, never tried side by side). Ray on separate hosts lives in its own network namespaces.
+_SHARED_GROUPS = {"ray": ("test_ray_",), "slurm": ("test_slurm.py", "test_slurm_hosts.py")}
+_OWN_NAMESPACES = ("test_ray_nodes.py",)
 
 
 def _group_of(item: pytest.Item) -> str:
     module = item.path.name
+    if module in _OWN_NAMESPACES:
+        return str(item.path)
     if item.get_closest_marker("ray") is not None:
         return "ray"
     for group, prefixes in _SHARED_GROUPS.items():
