@@ -136,7 +136,9 @@ def _check_root(root: Path, trial: int) -> None:
 @pytest.mark.timeout(240)
 def test_a_rank_killed_while_writing_its_shard_never_leaves_a_partial_checkpoint(crashed: Path) -> None:
     steps = [step for step, _ in CheckpointStore(crashed).checkpoints()]
-    assert len(steps) == 2 and steps[1] >= 12  # keep_last=2 held through every crash
+    # keep_last=2 held through every crash: retention deletes only after a commit, so a kill
+    # between the newest commit and its deletion leaves one more (the next save prunes it).
+    assert len(steps) in (2, 3) and steps[-1] >= 12, steps
 
 
 def _copy_newest_two(root: Path, dest: Path) -> tuple[Path, Path]:
