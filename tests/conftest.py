@@ -61,7 +61,7 @@ def _is_mp_helper(proc: psutil.Process) -> bool:
         return False
 
 
-# `make test` runs the suite on three pytest-xdist workers (`--dist loadgroup`): most tests wait on
+# `make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`): most tests wait on
 # processes they started. Each module stays on one worker, so its module-scoped fixtures (S3 server,
 # hosts, a SLURM cluster) are built once; the tests that start a Ray cluster on this machine's
 # loopback run on one worker one after another, as do the modules that start SLURM daemons (fine
