@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from torch import nn
 
 from distrain.ckpt import Checkpointer
 from distrain.ckpt.store import CheckpointStore, verify
+from tests.helpers import kill_forked_at
 from tests.helpers.ckpt import CTX
 
 
@@ -47,22 +46,7 @@ def test_sigkill_at_random_points_of_a_save_never_leaves_a_partial_checkpoint(tm
     Checkpointer(tmp_path / "warm-up", CTX).save(1, model=nn.Linear(256, 256))
     root = tmp_path / "ckpt"
     for trial in range(trials):
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: no pytest teardown, ever
-            try:
-                os.close(read_end)
-                _save_forever(root, write_end)
-            finally:
-                os._exit(1)
-        os.close(write_end)
-        try:
-            assert os.read(read_end, 1) == b"r", f"trial {trial}: the writer did not start"
-            time.sleep(rng.uniform(0.0, 0.25))  # fault injection: a random instant of the loop
-        finally:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            os.close(read_end)
+        kill_forked_at(lambda ready: _save_forever(root, ready), rng.uniform(0.0, 0.25), f"trial {trial}")
         interrupted_writes += any(p.name.startswith(".tmp-") for p in root.iterdir())
         store = CheckpointStore(root)
         found = store.checkpoints()

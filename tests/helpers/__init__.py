@@ -9,11 +9,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -116,3 +117,44 @@ def assert_workers_gone(out: Path) -> None:
     assert pids, "the workers never started"
     alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     assert not alive, f"orphan workers: {alive}"
+
+
+def kill_forked_at(body: Callable[[int], object], delay: float, what: str) -> None:
+    """Fork a child running ``body(ready_fd)``; once it writes ``b"r"`` there (it is ready), let it
+    run ``delay`` seconds, then SIGKILL and reap it: a crash at an instant chosen by the caller."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest teardown, ever
+        try:
+            os.close(read_end)
+            body(write_end)
+        finally:
+            os._exit(1)
+    os.close(write_end)
+    try:
+        assert os.read(read_end, 1) == b"r", f"{what}: the child did not start"
+        time.sleep(delay)  # fault injection: the instant of the kill
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read_end)
+
+
+class Killable(Protocol):
+    """A started launch: its process, and how to kill it with its session."""
+
+    proc: subprocess.Popen[str]
+
+    def kill(self) -> None: ...
+
+
+@pytest.fixture
+def launches() -> Iterator[list[Killable]]:
+    """The test's launches, killed (with their session) if the test ends before they do."""
+    started: list[Killable] = []
+    try:
+        yield started
+    finally:
+        for launch in started:
+            if launch.proc.poll() is None:
+                launch.kill()

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,11 @@ from distrain.heartbeat import PERF_FILE, Beat, BeatWriter, beat_path, read_beat
 from distrain.launchers.hang_report import diagnose, parse_faulthandler
 from distrain.launchers.stack_collect import RankStacks
 from distrain.launchers.straggler import StragglerTracker
+from tests import helpers
 from tests.helpers import PYTHON, REPO, assert_workers_gone, child_env, distrain, kill_group
 
+# Launches still running when a test ends are killed with their session.
+launches = helpers.launches
 SCRIPT = REPO / "tests" / "scripts" / "hang_train.py"
 LAUNCH_BOUND_S = 240  # the machine is shared and small: start-up alone can take 30 s
 
@@ -87,17 +89,6 @@ class Launch:
     def kill(self) -> None:
         kill_group(self.proc.pid)
         self.proc.wait()
-
-
-@pytest.fixture
-def launches() -> Iterator[list[Launch]]:
-    started: list[Launch] = []
-    try:
-        yield started
-    finally:
-        for launch in started:
-            if launch.proc.poll() is None:
-                launch.kill()
 
 
 def start(launches: list[Launch], *args: str) -> Launch:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 # Read when Ray is imported: the cluster then binds the loopback (see pitfalls.md).
@@ -16,6 +15,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import pytest
 
+from tests import helpers
 from tests.helpers import REPO, assert_workers_gone, distrain, ray_harness
 from tests.helpers.ray_harness import Launcher, LoopbackCluster
 
@@ -23,21 +23,11 @@ from tests.helpers.ray_harness import Launcher, LoopbackCluster
 cluster = ray_harness.cluster
 no_leaks = ray_harness.no_leaks
 
+# Launches still running when a test ends are killed with their session.
+launches = helpers.launches
 pytestmark = pytest.mark.ray
 SCRIPT = REPO / "tests" / "scripts" / "hang_train.py"
 BOUND_S = 240  # start-up alone can take a minute on the shared 2-core machine
-
-
-@pytest.fixture
-def launches() -> Iterator[list[Launcher]]:
-    """The test's launchers, killed (with their session) if the test ends before they do."""
-    started: list[Launcher] = []
-    try:
-        yield started
-    finally:
-        for launch in started:
-            if launch.proc.poll() is None:
-                launch.kill()
 
 
 def sleep_line() -> int:
