@@ -21,7 +21,7 @@ $(STAMP): constraints.txt pyproject.toml
 # (tests/conftest.py keeps each module, all loopback-Ray tests and the SLURM modules on one worker each).
 TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q -p no:cacheprovider -m "not gpu" -n $(TEST_WORKERS) --dist loadgroup --durations=20
+	$(PY) -m pytest -q -p no:cacheprovider -m "not gpu" -n $(TEST_WORKERS) --dist loadscope --durations=40
 
 gpu-test: $(if $(filter command line,$(origin PY)),,venv)
 	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PY) -m pytest -q -p no:cacheprovider -m gpu tests/gpu

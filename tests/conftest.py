@@ -6,6 +6,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -61,27 +62,49 @@ def _is_mp_helper(proc: psutil.Process) -> bool:
         return False
 
 
-# `make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`): most tests wait on
-# processes they started. Each module stays on one worker, so its module-scoped fixtures (S3 server,
-# hosts, a SLURM cluster) are built once; the tests that start a Ray cluster on this machine's
-# loopback run on one worker one after another, as do the modules that start SLURM daemons (fine
-# alone, never tried side by side). Ray on separate hosts lives in its own network namespaces.
+# `make test` runs the suite on pytest-xdist workers, a whole group on one worker: a module (its
+# module-scoped fixtures, an S3 server, hosts, a SLURM cluster, are built once), the modules that
+# start a Ray cluster on this machine's loopback (one after another), the two that start SLURM
+# daemons (fine alone, never tried side by side). Ray on separate hosts has its own namespaces.
+# xdist's `--dist loadgroup` cannot group here: pytest 9 no longer reads the group suffix xdist
+# writes into node ids, so every test went anywhere. The scheduler below groups by node id.
 _SHARED_GROUPS = {"ray": ("test_ray_",), "slurm": ("test_slurm.py", "test_slurm_hosts.py")}
 _OWN_NAMESPACES = ("test_ray_nodes.py",)
+# The longest groups first (CI's durations): a long group that starts last sets the suite's end.
+_LONGEST_FIRST = ("ray", "test_launch_local.py", "slurm", "test_fault_trials.py", "test_ray_nodes.py",
+                  "test_nodes_elastic.py", "test_sharded_resume.py", "test_ckpt_s3_faults.py",
+                  "test_hangs.py", "test_teardown.py", "test_nodes_digits.py", "test_snapshots.py")
 
 
-def _group_of(item: pytest.Item) -> str:
-    module = item.path.name
+def group_of(nodeid: str) -> str:
+    """The scheduling group of a test: its module's path, or a group shared by several modules."""
+    path = nodeid.split("::", 1)[0]
+    module = path.rsplit("/", 1)[-1]
     if module in _OWN_NAMESPACES:
-        return str(item.path)
-    if item.get_closest_marker("ray") is not None:
-        return "ray"
+        return path
     for group, prefixes in _SHARED_GROUPS.items():
         if module.startswith(prefixes):
             return group
-    return str(item.path)
+    return path
 
 
+def _start_rank(group: str) -> int:
+    name = group.rsplit("/", 1)[-1]
+    return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
+
+
+@pytest.hookimpl(trylast=True)  # the final order: pytest's own reordering has run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(_group_of(item)))
+    items.sort(key=lambda item: _start_rank(group_of(item.nodeid)))  # stable: modules stay whole
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # before xdist's own scheduler choice
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    config.option.loadscopereorder = False  # keep the longest-first order above
+    return GroupScheduling(config, log)

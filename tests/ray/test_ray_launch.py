@@ -222,16 +222,18 @@ def test_a_signal_reaches_the_ranks_then_the_grace_period_ends_in_sigkill(
 
 
 @pytest.mark.timeout(180)
-def test_a_sigkilled_worker_restarts_the_group_which_resumes_and_completes(
+def test_a_sigkilled_worker_restarts_the_group_which_resumes_from_its_snapshot_and_completes(
         cluster: LoopbackCluster, reference: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    # No durable checkpoint before the kill: step 3 can only come from the in-memory snapshots.
     out, ckpt = tmp_path / "out", tmp_path / "ckpt"
     result = ray_launch(cluster, "--num-workers", "2", "--max-restarts", "1", TRAIN,
                         "--out", str(out), "--ckpt", str(ckpt), "--die-at", "3", "--die-rank", "1",
-                        timeout=170)
+                        "--snapshot-every", "1", "--save-every", "100", timeout=170)
     assert_ok(result)
     assert "killed by SIGKILL" in result.stderr and "restarting the group" in result.stderr
     assert "[rank0]:resumed from step 3 with world size 2" in result.stdout
     assert _info(out) == {"world_size": 2, "attempt": 1, "resumed_from": 3, "steps": 6}
+    assert not list(ckpt.glob("step-*")), "a durable checkpoint was written"
     _assert_close(_weights(out), reference)
 
 

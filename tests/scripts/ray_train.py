@@ -3,8 +3,8 @@
 Each step sees the same 32 samples whatever the world size (the sampler interleaves ranks and
 the global batch is fixed), so the weights depend only on the seed and the step count, up to
 float rounding, and bit for bit for the same world size. A checkpoint (model, optimizer,
-loader position) is written after every step to --ckpt with distrain.ckpt, and resumed from
-on a restart.
+loader position) is written every --save-every steps to --ckpt with distrain.ckpt (and, with
+--snapshot-every, an in-memory snapshot), and resumed from on a restart.
 
 Fault hooks (first attempt only, TORCHELASTIC_RESTART_COUNT=0):
   --die-at S --die-rank R   rank R SIGKILLs itself after step S
@@ -37,6 +37,8 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--steps", type=int, default=6)
 parser.add_argument("--lr", type=float, default=0.1)
 parser.add_argument("--ckpt", default=None)
+parser.add_argument("--save-every", type=int, default=1, help="durable checkpoint interval")
+parser.add_argument("--snapshot-every", type=int, default=None, help="in-memory snapshot interval")
 parser.add_argument("--die-at", type=int, default=-1)
 parser.add_argument("--die-rank", type=int, default=1)
 parser.add_argument("--hold-at", type=int, default=-1)
@@ -53,7 +55,8 @@ model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 
 optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
 loader = build_loader(digits(train=True), ctx, global_batch_size=GLOBAL_BATCH, shuffle=True,
                       seed=0, num_workers=0, drop_last=True)
-ckpt = Checkpointer(args.ckpt, ctx, keep_last=2) if args.ckpt else None
+ckpt = (Checkpointer(args.ckpt, ctx, keep_last=2, snapshot_every=args.snapshot_every)
+        if args.ckpt else None)
 start = 0
 if ckpt is not None:
     start = ckpt.load_latest(model=model, optimizer=optimizer, loader=loader) or 0
@@ -70,7 +73,9 @@ for step in range(start + 1, args.steps + 1):
     mean_loss = ddp.all_reduce_mean(float(loss.detach()))
     ddp.print0(f"step {step} loss {mean_loss:.4f}")
     if ckpt is not None:
-        ckpt.save(step, model=model, optimizer=optimizer, loader=loader)
+        ckpt.snapshot(step, model=model, optimizer=optimizer, loader=loader)  # if snapshot_every
+        if step % args.save_every == 0:
+            ckpt.save(step, model=model, optimizer=optimizer, loader=loader)
     if attempt == 0 and step == args.die_at and ctx.rank == args.die_rank:
         os.kill(os.getpid(), signal.SIGKILL)
     if attempt == 0 and step == args.hold_at:
