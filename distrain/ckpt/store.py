@@ -38,6 +38,7 @@ from typing import IO, Any
 
 from distrain.ckpt import digest as file_digest
 from distrain.ckpt.remote import ObjectPath
+from distrain.errors import CheckpointError as CheckpointError  # its home; imported from here too
 from distrain.errors import ConfigError
 
 FORMAT = "distrain-checkpoint"
@@ -46,10 +47,6 @@ KINDS = ("full", "sharded")
 MANIFEST = "manifest.json"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message names the file and the reason."""
 
 
 class UnsafeCheckpointError(CheckpointError):
