@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from distrain.ckpt import serialize
 from distrain.ckpt.background import BackgroundWriter
 from distrain.ckpt.convert import gather_full, is_fsdp, original_class, restore_full
 from distrain.ckpt.dcp_names import STORAGE
@@ -63,6 +64,7 @@ from distrain.ckpt.store import (
     CheckpointPath,
     Staging,
     check_retention,
+    json_writer,
     read_manifest,
     verify,
 )
@@ -333,9 +335,11 @@ class Checkpointer:
         try:
             if before is not None:
                 before(staging)
-            writers = {f"{name}.pt": functools.partial(_torch_save, state) for name, state in states.items()}
-            staging.write_files({**writers, RNG_FILE: functools.partial(_torch_save, rng)})
-            staging.write_json(JSON_FILE, values)
+            writers = {f"{name}.pt": functools.partial(serialize.save, state)
+                       for name, state in states.items()}
+            # All side by side: a checkpoint's small files add no round trip of their own.
+            staging.write_files({**writers, RNG_FILE: functools.partial(serialize.save, rng),
+                                 JSON_FILE: json_writer(values)})
             path = staging.commit(meta)
         except OSError as error:
             staging.abort()
@@ -345,8 +349,9 @@ class Checkpointer:
             raise
         try:
             self.store.set_latest(path)  # type: ignore[arg-type]  # the store's own kind of path
-            self.store.apply_retention(keep_last=self.keep_last, keep_every=self.keep_every,
-                                       protect={step})
+            if self.keep_last is not None:  # else every checkpoint is kept: nothing to list
+                self.store.apply_retention(keep_last=self.keep_last, keep_every=self.keep_every,
+                                           protect={step})
         except OSError as error:  # committed: load_latest finds it by its manifest
             raise CheckpointError(
                 f"checkpoint step {step} was committed to {path}, but updating {error.filename} "
@@ -521,5 +526,3 @@ def _finish(sharded: ShardedSaver, writer: BackgroundWriter | None) -> None:
             writer.wait()
 
 
-def _torch_save(state: Any, file: Any) -> None:
-    torch.save(state, file)
