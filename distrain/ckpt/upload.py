@@ -89,15 +89,13 @@ class MultipartUpload(BufferedUpload):
         self.single_put = single_put
         self.in_flight = in_flight
         self.bucket, self.key, _ = remote.fs.split_path(remote.key(url))
-        # Up to single_put bytes the object is kept whole, the body of one PUT: one copy (a
-        # large bytearray grows in place), no parts to allocate and join.
-        self._whole: bytearray | None = bytearray()
-        self._part = bytearray()
+        self._part = bytearray(part_size)
         self._fill = 0  # bytes of self._part written so far
         self._size = 0
         self._upload_id: str | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._parts: list[Future[dict[str, Any]]] = []
+        self._held: list[bytearray] = []  # full parts kept until the object outgrows one PUT
         self._slots = threading.BoundedSemaphore(in_flight)
         self._failed: BaseException | None = None
 
@@ -106,31 +104,28 @@ class MultipartUpload(BufferedUpload):
         self.digest.update(view)
         written = view.nbytes
         self._size += written
-        if self._whole is not None:
-            if self._size <= self.single_put:
-                self._whole += view
-                return written
-            whole, self._whole = self._whole, None  # too large for one PUT: stream it in parts
-            self._fill_parts(memoryview(whole))
-        self._fill_parts(view)
-        return written
-
-    def _fill_parts(self, view: memoryview) -> None:
-        """Copy ``view`` into parts, sending each one that is full."""
         while view.nbytes:
-            if not self._part:
-                self._part = bytearray(self.part_size * 2 ** (len(self._parts) // _GROW_EVERY))
             take = min(len(self._part) - self._fill, view.nbytes)
             self._part[self._fill:self._fill + take] = view[:take]
             self._fill += take
             view = view[take:]
             if self._fill == len(self._part):
-                self._send(self._part)
-                self._part = bytearray()
-                self._fill = 0
+                self._part_full()
+        return written
 
     def tell(self) -> int:
         return self._size
+
+    def _part_full(self) -> None:
+        kept = sum(len(part) for part in self._held) + len(self._part)
+        if self._upload_id is None and kept <= self.single_put:
+            self._held.append(self._part)
+        else:
+            held, self._held = self._held, []
+            for part in [*held, self._part]:
+                self._send(part)
+        self._part = bytearray(self.part_size * 2 ** (len(self._parts) // _GROW_EVERY))
+        self._fill = 0
 
     def _send(self, part: bytearray) -> None:
         """Hand ``part`` (full, or the last one) to the pool; waits while IN_FLIGHT are out."""
@@ -170,12 +165,14 @@ class MultipartUpload(BufferedUpload):
 
     def finish(self) -> dict[str, Any]:
         try:
-            if self._whole is not None:  # small enough for a single PUT
-                body, self._whole = self._whole, None
+            del self._part[self._fill:]
+            if self._upload_id is None:  # small enough for a single PUT
+                pieces = [*self._held, self._part]
+                body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                self._held = []
                 self._s3("upload", "put_object", Body=body)
             else:
                 if self._fill:
-                    del self._part[self._fill:]
                     self._send(self._part)
                 etags = [future.result()["ETag"] for future in self._parts]
                 parts = [{"PartNumber": n, "ETag": tag} for n, tag in enumerate(etags, 1)]
@@ -195,7 +192,7 @@ class MultipartUpload(BufferedUpload):
         self._close_pool()
         upload, self._upload_id = self._upload_id, None
         self._part = bytearray()
-        self._whole = None
+        self._held = []
         if upload is not None:
             with contextlib.suppress(Exception):
                 self._s3("abort upload", "abort_multipart_upload", UploadId=upload)
