@@ -321,6 +321,7 @@ def cleanup(*, synchronize: bool | None = None) -> None:
     # One agreement per cleanup on every rank through the barrier: ranks hold the same saves,
     # but a rank whose Checkpointer is gone must take part all the same.
     failure = _agreed_failure(failed, agree=synchronized)
+    stacks.finished()  # the agreement, a collective, marked this rank as running again
     if grouped:
         dist.destroy_process_group()
         gc.collect()
