@@ -524,5 +524,3 @@ def _finish(sharded: ShardedSaver, writer: BackgroundWriter | None) -> None:
     finally:
         if writer is not None:
             writer.wait()
-
-
