@@ -43,6 +43,13 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the file and the reason.
+
+    Defined here, below every module that raises it: :func:`distrain.group.cleanup` raises it
+    too (for an asynchronous save that failed), and re-exported by :mod:`distrain.ckpt`."""
+
+
 class LaunchFailedError(RuntimeError):
     """A launched job failed; the message is the human summary (which rank, why, log tail)."""
 

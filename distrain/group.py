@@ -27,15 +27,18 @@ import torch.distributed as dist
 from torch import nn
 
 from distrain import stacks
+from distrain.collectives import first_failure
 from distrain.context import Context, clear_current, recorded, set_current
 from distrain.env import WorkerEnv
-from distrain.errors import ConfigError
+from distrain.errors import CheckpointError, ConfigError
 
 __all__ = [
     "BACKENDS",
+    "InFlight",
     "cleanup",
     "current",
     "formed_group",
+    "hold_until_cleanup",
     "init",
     "on_cleanup",
     "release_wrappers",
@@ -202,23 +205,96 @@ def on_cleanup(method: Callable[[], Any]) -> None:
     _before_cleanup.append(weakref.WeakMethod(method))
 
 
+class InFlight:
+    """A checkpoint save still running in the background, held by :func:`cleanup` until
+    :meth:`release`: its owner (a Checkpointer) may be dropped first, its write may not."""
+
+    __slots__ = ("finish",)
+
+    def __init__(self, finish: Callable[[], None]) -> None:
+        self.finish = finish  # joins the save on this rank; raises CheckpointError if it failed
+
+    def release(self) -> None:
+        """The save was joined and its outcome agreed on by every rank: cleanup need not."""
+        with contextlib.suppress(ValueError):
+            _in_flight.remove(self)
+
+
+# Saves in flight (strong references, unlike _before_cleanup): cleanup() joins each one, then
+# agrees on the outcome once over all of them, so every rank runs the same collectives however
+# many Checkpointers it still has.
+_in_flight: list[InFlight] = []
+
+
+def hold_until_cleanup(finish: Callable[[], None]) -> InFlight:
+    """Have :func:`cleanup` call ``finish`` (and raise its error on every rank) unless the
+    returned hold is released first.
+
+    Args:
+        finish: Joins a background save on this rank; raises ``CheckpointError`` if it failed.
+            It should not hold its owner (the hold would keep the owner alive until cleanup).
+
+    Returns:
+        The hold: :meth:`InFlight.release` it once the save's outcome was agreed elsewhere.
+    """
+    held = InFlight(finish)
+    _in_flight.append(held)
+    return held
+
+
+def _finish_in_flight() -> list[str]:
+    """Join every save in flight on this rank; the error message of each that failed."""
+    held, _in_flight[:] = list(_in_flight), []
+    failed = []
+    for save in held:
+        try:
+            save.finish()
+        except Exception as error:  # every save is joined before anything is reported
+            failed.append(str(error) or repr(error))
+    return failed
+
+
+def _agreed_failure(failed: list[str], *, agree: bool) -> CheckpointError | None:
+    """The error cleanup raises: this rank's own, or (agreeing: one all-gather, whatever this
+    rank holds) the lowest failing peer's."""
+    mine = "; ".join(failed) or None
+    if agree:
+        with contextlib.suppress(Exception):  # a peer gone: only this rank's own error is known
+            found = first_failure(mine)
+            if found is not None and mine is None:
+                rank, text = found
+                return CheckpointError(f"rank {rank} could not finish a checkpoint save before "
+                                       f"cleanup: {text}")
+    return None if mine is None else CheckpointError(mine)
+
+
 FINAL_BARRIER_SECONDS = 60.0
 
 
 def cleanup(*, synchronize: bool | None = None) -> None:
     """Finish pending writes, release DDP/FSDP state, synchronise, destroy the group. Idempotent.
 
-    Also runs at interpreter exit. Errors of the pending writes (``TBLogger.flush``,
-    ``Checkpointer.wait``) are printed, not raised, so the group is always torn down.
+    Also runs at interpreter exit. An asynchronous checkpoint save still in flight (its
+    Checkpointer may be gone) is finished first; if it failed on any rank, every rank raises
+    ``CheckpointError`` once the group is torn down. Errors of other pending work
+    (``TBLogger.flush``) are printed, not raised.
 
     Args:
         synchronize: Wait for every rank before the group goes (default: unless an exception
-            is on its way out). A failing rank must not enter a collective its healthy peers are
-            not in, and a rank whose peers are gone must not hang: on gloo the wait is a
-            ``monitored_barrier`` bounded by ``FINAL_BARRIER_SECONDS``.
+            is on its way out). A failing rank must not enter a collective its healthy peers
+            are not in, and a rank whose peers are gone must not hang: on gloo the wait is a
+            ``monitored_barrier`` bounded by ``FINAL_BARRIER_SECONDS`` (by the group's timeout
+            while a save was in flight: a peer may still be finishing its upload). Without it a
+            save's error is printed, not raised, and only where it happened.
+
+    Raises:
+        CheckpointError: An asynchronous save in flight failed on some rank (raised on every
+            rank that synchronized).
     """
     if synchronize is None:
         synchronize = not exiting_on_error()
+    saving = bool(_in_flight)  # the same on every rank: each save holds one on every rank
+    failed = _finish_in_flight()
     pending, _before_cleanup[:] = list(_before_cleanup), []
     for ref in pending:
         method = ref()
@@ -231,17 +307,30 @@ def cleanup(*, synchronize: bool | None = None) -> None:
     gc.collect()
     clear_current()
     stacks.finished()  # the hang watch stops expecting progress from this rank
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    if synchronize:
+    grouped = dist.is_available() and dist.is_initialized()
+    synchronized = False
+    if grouped and synchronize:
         # A peer that already exited or failed leaves nothing to wait for.
         with contextlib.suppress(Exception):
             if dist.get_backend() == "gloo":
-                dist.monitored_barrier(timeout=timedelta(seconds=FINAL_BARRIER_SECONDS))
+                bound = None if saving else timedelta(seconds=FINAL_BARRIER_SECONDS)
+                dist.monitored_barrier(timeout=bound)
             else:
                 dist.barrier()
-    dist.destroy_process_group()
-    gc.collect()
+            synchronized = True
+    # One agreement per cleanup on every rank through the barrier: ranks hold the same saves,
+    # but a rank whose Checkpointer is gone must take part all the same.
+    failure = _agreed_failure(failed, agree=synchronized)
+    stacks.finished()  # the agreement, a collective, marked this rank as running again
+    if grouped:
+        dist.destroy_process_group()
+        gc.collect()
+    if failure is None:
+        return
+    if not synchronize:  # an exception is already on its way out: do not replace it
+        print(f"distrain: {failure}", file=sys.stderr)
+        return
+    raise failure
 
 
 def _exit(synchronize: bool) -> None:

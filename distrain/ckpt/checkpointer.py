@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from distrain.ckpt import serialize
 from distrain.ckpt.background import BackgroundWriter
 from distrain.ckpt.convert import gather_full, is_fsdp, original_class, restore_full
 from distrain.ckpt.dcp_names import STORAGE
@@ -63,12 +64,13 @@ from distrain.ckpt.store import (
     CheckpointPath,
     Staging,
     check_retention,
+    json_writer,
     read_manifest,
     verify,
 )
 from distrain.collectives import broadcast, first_failure
 from distrain.errors import ConfigError
-from distrain.group import resolve
+from distrain.group import InFlight, hold_until_cleanup, on_cleanup, resolve
 from distrain.version import __version__
 
 if TYPE_CHECKING:
@@ -84,9 +86,9 @@ class Checkpointer:
         keep_last: How many of the newest checkpoints to keep (None: all).
         keep_every: Also keep every checkpoint whose step is a multiple of it.
         async_save: ``save`` only copies the state to CPU memory and returns; a background
-            thread writes it (one save in flight at most; ``wait()`` and the next ``save`` join it and
-            raise its error on every rank; ``distrain.cleanup()`` joins it and reports the error
-            where it happened).
+            thread writes it (one save in flight at most; ``wait()``, the next ``save`` and
+            ``distrain.cleanup()`` join it and raise its error on every rank, cleanup also when
+            this Checkpointer was dropped before it).
         sharded: Write sharded checkpoints (every rank its shard, through DCP); None: sharded
             when a saved model is FSDP-wrapped, full (rank 0 writes) otherwise.
         storage_options: Passed to fsspec when ``root`` is a URL (credentials, ``endpoint_url``);
@@ -127,16 +129,15 @@ class Checkpointer:
         # The step of the async save in flight, on every rank (rank 0 alone runs a full one's
         # write): wait() then agrees on its outcome, so its error reaches every rank.
         self._in_flight: int | None = None
+        # The same save held by distrain.cleanup(), which finishes and agrees on it even if this
+        # Checkpointer is gone by then (the hold does not keep it alive).
+        self._held: InFlight | None = None
         # Async: the CPU copies of the last save, reused by the next one once its write is done
         # (save() waits for it first), so the pause is a copy into warm pages.
         self._staging: dict[str, torch.Tensor] = {}
         if ctx.is_main:
             self.store.create()
             self.store.remove_stale()
-        from distrain.group import on_cleanup
-
-        on_cleanup(self._wait_at_cleanup)
-        on_cleanup(self._sharded.wait)  # also when this Checkpointer is gone before its write
         self._snapshots = None if snapshot_every is None else Snapshots(root, ctx, snapshot_every)
         if self._snapshots is not None:
             on_cleanup(self._snapshots.close)
@@ -173,10 +174,11 @@ class Checkpointer:
                               "e.g. ckpt.save(step, model=model, optimizer=optimizer)")
         kinds = {name: kind_of(name, obj) for name, obj in objects.items()}
         fsdp = any(is_fsdp(obj) for obj in objects.values())
-        self._in_flight = None  # the save in flight is joined below and its outcome agreed
+        self._settled()  # the save in flight is joined below and its outcome agreed
         if self.sharded or (self.sharded is None and fsdp):
             self._sharded.save(self, step, objects, kinds)
-            self._in_flight = step if self.async_save else None
+            if self.async_save:
+                self._hold(step)
             return
         error: BaseException | None = None
         if self.ctx.is_main:
@@ -196,7 +198,7 @@ class Checkpointer:
         if self.async_save:
             if job is not None:
                 self._writer.submit(job)
-            self._in_flight = step
+            self._hold(step)
             return
         if job is not None:
             try:
@@ -240,30 +242,32 @@ class Checkpointer:
         Raises:
             CheckpointError: The write in flight failed on some rank (nothing of it was published).
         """
-        self._wait(agree_everywhere=True)
-
-    def _wait_at_cleanup(self) -> None:
-        # Local only: at cleanup this Checkpointer may already be gone on another rank (nothing
-        # keeps it alive there), which would leave this one alone in the collective.
-        self._wait(agree_everywhere=False)
-
-    def _wait(self, *, agree_everywhere: bool) -> None:
         if self._snapshots is not None:
             self._snapshots.wait()
-        step, self._in_flight = self._in_flight, None
+        step = self._in_flight
+        self._settled()
         error: CheckpointError | None = None
         try:
-            try:
-                self._sharded.wait()
-            finally:
-                if self.ctx.is_main:
-                    self._writer.wait()
+            _finish(self._sharded, self._writer if self.ctx.is_main else None)
         except CheckpointError as failed:
             error = failed
-        if agree_everywhere and step is not None:
+        if step is not None:
             agree(error, step, None)
         elif error is not None:
             raise error
+
+    def _hold(self, step: int) -> None:
+        """Record the async save of ``step`` in flight, here and with distrain.cleanup()."""
+        self._in_flight = step
+        # The write job and DCP's future keep what they need alive; the hold needs only these.
+        self._held = hold_until_cleanup(functools.partial(
+            _finish, self._sharded, self._writer if self.ctx.is_main else None))
+
+    def _settled(self) -> None:
+        """The save in flight is being joined and agreed on here: cleanup need not."""
+        held, self._held, self._in_flight = self._held, None, None
+        if held is not None:
+            held.release()
 
     def prepare(
         self, step: int, objects: dict[str, Any], kinds: dict[str, str], rngs: list[Any], *,
@@ -331,9 +335,11 @@ class Checkpointer:
         try:
             if before is not None:
                 before(staging)
-            writers = {f"{name}.pt": functools.partial(_torch_save, state) for name, state in states.items()}
-            staging.write_files({**writers, RNG_FILE: functools.partial(_torch_save, rng)})
-            staging.write_json(JSON_FILE, values)
+            writers = {f"{name}.pt": functools.partial(serialize.save, state)
+                       for name, state in states.items()}
+            # All side by side: a checkpoint's small files add no round trip of their own.
+            staging.write_files({**writers, RNG_FILE: functools.partial(serialize.save, rng),
+                                 JSON_FILE: json_writer(values)})
             path = staging.commit(meta)
         except OSError as error:
             staging.abort()
@@ -343,8 +349,9 @@ class Checkpointer:
             raise
         try:
             self.store.set_latest(path)  # type: ignore[arg-type]  # the store's own kind of path
-            self.store.apply_retention(keep_last=self.keep_last, keep_every=self.keep_every,
-                                       protect={step})
+            if self.keep_last is not None:  # else every checkpoint is kept: nothing to list
+                self.store.apply_retention(keep_last=self.keep_last, keep_every=self.keep_every,
+                                           protect={step})
         except OSError as error:  # committed: load_latest finds it by its manifest
             raise CheckpointError(
                 f"checkpoint step {step} was committed to {path}, but updating {error.filename} "
@@ -510,5 +517,10 @@ class Checkpointer:
         return step
 
 
-def _torch_save(state: Any, file: Any) -> None:
-    torch.save(state, file)
+def _finish(sharded: ShardedSaver, writer: BackgroundWriter | None) -> None:
+    """Join this rank's part of an async save: its DCP write, and rank 0's write and commit."""
+    try:
+        sharded.wait()
+    finally:
+        if writer is not None:
+            writer.wait()

@@ -22,7 +22,6 @@ objects, and only after the new one is committed.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import threading
@@ -85,10 +84,6 @@ class ObjectStaging:
         for future in pending:
             future.result()
 
-    def write_json(self, name: str, value: Any) -> None:
-        data = json.dumps(value, indent=1, sort_keys=True).encode()
-        self.write_file(name, functools.partial(_write_bytes, data=data))
-
     def add_written(self) -> None:
         """Take in the records that the writers of a sharded save uploaded next to their objects
         (:data:`DIGESTS_PREFIX`); every object in the directory must have one."""
@@ -111,10 +106,6 @@ class ObjectStaging:
         # An unreachable store: what is left has no manifest and the next writer removes it.
         with contextlib.suppress(OSError):
             self.path.remote.remove(self.path.url, recursive=True)
-
-
-def _write_bytes(file: IO[bytes], *, data: bytes) -> None:
-    file.write(data)
 
 
 class ObjectStore:

@@ -18,7 +18,7 @@ directory, agree that every shard is on disk, then rank 0 hashes every file into
 manifest and publishes the directory by one atomic rename. ``async_save=True`` uses
 ``dcp.async_save`` on a process group of its own: ``save`` returns once the state is copied
 to CPU memory; rank 0 commits when the write has finished (joined by ``wait()``, the next
-``save`` and ``distrain.cleanup()``).
+``save`` and ``distrain.cleanup()``, which holds the saver until then).
 Loading runs no pickled code: see :mod:`distrain.ckpt.dcp_io`.
 """
 
@@ -115,7 +115,6 @@ class ShardedSaver:
                                          no_dist=not ctx.distributed)
             future = started.upload_completion if isinstance(started, AsyncSaveResponse) else started
             self._pending = future
-            future.add_done_callback(self._alive_until_done)
             if job is not None:
                 ckpt.submit_write(functools.partial(job, staging=staging,
                                                       before=functools.partial(_collect, future)))
@@ -132,11 +131,6 @@ class ShardedSaver:
             except Exception as failed:
                 error = failed
         agree(error, step, None)  # no rank runs ahead of the commit
-
-    def _alive_until_done(self, future: Future[Any]) -> None:
-        """Registered on the write in flight, so that this saver (whose ``wait`` is called by
-        ``distrain.ddp.cleanup()`` before the group is destroyed) outlives a Checkpointer that
-        was dropped while a write it started still needs the process group."""
 
     def _async_group(self, ctx: Context) -> dist.ProcessGroup | None:
         """A gloo group for the background write: its collectives must not interleave with the

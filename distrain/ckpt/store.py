@@ -23,6 +23,7 @@ into a :class:`Staging` directory and commits it with its metadata.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ from typing import IO, Any
 
 from distrain.ckpt import digest as file_digest
 from distrain.ckpt.remote import ObjectPath
+from distrain.errors import CheckpointError as CheckpointError  # its home; imported from here too
 from distrain.errors import ConfigError
 
 FORMAT = "distrain-checkpoint"
@@ -46,10 +48,6 @@ KINDS = ("full", "sharded")
 MANIFEST = "manifest.json"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message names the file and the reason."""
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -200,10 +198,6 @@ class Staging:
         for future in pending:
             future.result()
 
-    def write_json(self, name: str, value: Any) -> None:
-        data = json.dumps(value, indent=1, sort_keys=True).encode()
-        self.write_file(name, lambda file: _write_bytes(file, data))
-
     def add_existing(self, name: str) -> None:
         """Record a file something else already wrote into :attr:`path` (e.g. a DCP shard)."""
         target = self.path / name
@@ -241,8 +235,20 @@ def build_manifest(meta: dict[str, Any], step: int, files: dict[str, dict[str, A
     return json.dumps(manifest, indent=1, sort_keys=True).encode()
 
 
-def _write_bytes(file: IO[bytes], data: bytes) -> None:
+def _write_bytes(file: IO[bytes], *, data: bytes) -> None:
     file.write(data)
+
+
+def json_writer(value: Any) -> Callable[[IO[bytes]], None]:
+    """A writer (for a staging's ``write_files``) of ``value`` as a checkpoint's JSON file.
+
+    Args:
+        value: A JSON-able value, encoded now (later changes to it are not written).
+
+    Returns:
+        ``write(file)``, which writes the encoded bytes.
+    """
+    return functools.partial(_write_bytes, data=json.dumps(value, indent=1, sort_keys=True).encode())
 
 
 def _discard(path: Path) -> None:

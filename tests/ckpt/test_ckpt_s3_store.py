@@ -108,6 +108,14 @@ def test_a_large_object_streams_in_parts_while_written_and_an_abort_leaves_nothi
     parts = s3.requests("PUT", f"/{bucket}/big/obj")
     assert len(parts) == 3, parts  # 5 + 5 + 3 MB, each uploaded as it filled
 
+    whole = MultipartUpload(remote, f"s3://{bucket}/big/one", part_size=part, single_put=len(raw))
+    for start in range(0, len(raw), 3_000_001):  # up to single_put: kept whole, one PUT
+        whole.write(memoryview(raw)[start:start + 3_000_001])
+    assert whole.finish() == digest.record(hasher, len(raw))
+    assert remote.get(f"s3://{bucket}/big/one") == raw
+    assert s3.requests("PUT", f"/{bucket}/big/one") == [f"/{bucket}/big/one"]
+    assert not s3.requests("POST", f"/{bucket}/big/one")  # no multipart upload started
+
     aborted = MultipartUpload(remote, f"s3://{bucket}/big/gone", part_size=part, single_put=part)
     aborted.write(raw[: 11 << 20])  # two parts out, the third still being written
     aborted.abort()

@@ -2,16 +2,20 @@
 
 ``python s3_train.py SPEC.json``; SPEC: a list of phases, run in turn by the same ranks, each
 ``{"steps": N, "save_every": k, "load": URL or null, "save": [{"root": URL, "async": bool,
-"sharded": bool}, ...], "kill_at": step or null, "out": path}``. A phase builds the model,
+"sharded": bool}, ...], "kill_at": step or null, "out": path, "wait": bool (default true),
+"keep_on": [ranks]}``. A phase builds the model,
 resumes from ``load`` (if given), trains to ``steps`` saving every ``save_every`` steps into every
 ``save`` root, and SIGKILLs itself (every rank) right after the saves of step ``kill_at`` return
 (an asynchronous upload may be in flight). Rank 0 writes ``{"loaded": step, "weights": ...}``
-to ``out`` with ``torch.save``.
+to ``out`` with ``torch.save``. With ``"wait": false`` the phase ends without ``wait()``: its
+Checkpointers go out of scope with a save maybe in flight (except on the ranks in ``keep_on``,
+which keep them until the end), and ``ddp.cleanup()`` must finish it.
 Each step draws its batch from the global RNG, so resuming exactly needs the RNG restored too.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -28,12 +32,16 @@ from distrain.ckpt import Checkpointer
 
 def main() -> None:
     ctx = ddp.init("gloo")
+    kept = []
     for spec in json.loads(Path(sys.argv[1]).read_text()):
-        phase(ctx, spec)
+        savers = phase(ctx, spec)
+        if ctx.rank in spec.get("keep_on", []):
+            kept.extend(savers)
+    gc.collect()  # the other Checkpointers are gone now
     ddp.cleanup()
 
 
-def phase(ctx: ddp.Context, spec: dict[str, Any]) -> None:
+def phase(ctx: ddp.Context, spec: dict[str, Any]) -> list[Checkpointer]:
     torch.manual_seed(0)
     model = ddp.wrap(nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1)), ctx, strategy="ddp")
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
@@ -57,8 +65,10 @@ def phase(ctx: ddp.Context, spec: dict[str, Any]) -> None:
     weights = {k: v.detach().clone() for k, v in ddp.unwrap(model).state_dict().items()}
     if ctx.is_main:
         torch.save({"loaded": loaded, "weights": weights}, spec["out"])
-    for saver in savers:
-        saver.wait()
+    if spec.get("wait", True):
+        for saver in savers:
+            saver.wait()
+    return savers
 
 
 if __name__ == "__main__":
