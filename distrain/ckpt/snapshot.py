@@ -41,10 +41,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from distrain.ckpt.convert import is_fsdp
+from distrain.ckpt.buddy import HELD, BuddyLink, fetch
+from distrain.ckpt.convert import Pairing, is_fsdp, pair
 from distrain.ckpt.rng_cache import RngCache
 from distrain.ckpt.skeleton import decode, encode, encode_state
-from distrain.ckpt.snapshot_files import Slot, SlotMeta, Spec, digest, layout, specs_of
+from distrain.ckpt.snapshot_files import Slot, SlotMeta, Spec, digest, layout, specs_of, tensor_views
+from distrain.ckpt.snapshot_plan import Held, Source, choose
+from distrain.ckpt.snapshot_shards import local_states, local_tensor, restore_local
 from distrain.ckpt.state import restore_object, restore_rank_rng, state_of
 from distrain.ckpt.store import CheckpointError
 from distrain.errors import ConfigError
@@ -135,7 +138,9 @@ class Snapshots:
         self._offsets: list[int] = []
         self._size = 0
         self._table: str | None = None  # the meta file's tensor table for self._specs
-        self._plain: dict[int, Any] = {}  # objects checked not to be FSDP (kept: ids stay unique)
+        self._shards: tuple[Any, list[Any], Pairing | None, set[str]] = ((), [], None, set())
+        self._plan: tuple[int, list[Source]] | None = None  # what agree() chose, for restore()
+        self.buddy = BuddyLink(ctx, self.dir, SLOTS)
         if ctx.local_rank == 0 and base_dir().is_dir():
             sweep(base_dir())
         # Also a script that drops its Checkpointer and never calls cleanup ends clean: the
@@ -150,17 +155,15 @@ class Snapshots:
         Small states are copied, digested and committed here and now (handing them to a thread
         costs more than the copy); larger ones leave the optimizer's tensors to the copier."""
         self.wait()
-        for obj in objects.values():
-            if id(obj) not in self._plain:  # checked once per object (it walks the modules)
-                if is_fsdp(obj):
-                    raise ConfigError("snapshot of an FSDP model", "FSDP", "a DDP or plain model",
-                                      "use durable checkpoints (ckpt.save) for FSDP runs for now")
-                self._plain[id(obj)] = obj
+        sharded = self._sharded_names(objects, kinds)
         tensors: list[torch.Tensor] = []
         states = []
+        shards = local_states(self._pairing(objects, kinds), sharded) if sharded else {}
         for name, obj in objects.items():
             kind = kinds[name]
-            if kind == "module":  # keep_vars: no detach per tensor; copied under no_grad
+            if name in shards:  # this rank's shards of an FSDP model or of its optimizer
+                state = shards[name]
+            elif kind == "module":  # keep_vars: no detach per tensor; copied under no_grad
                 state = unwrap(obj).state_dict(keep_vars=True)
             elif kind == "json":  # as a durable checkpoint keeps it (a JSON round trip)
                 state = json.loads(json.dumps(obj))
@@ -175,6 +178,7 @@ class Snapshots:
             self._table = None
         if not self._checked:
             self._check_room(self._size)
+            self.buddy.start()
         slot = self._pick()
         slot.invalidate()
         data = slot.allocate(self._size)
@@ -186,7 +190,7 @@ class Snapshots:
             self._finish(slot, meta, data, [])
             self.wait()
             return
-        guarded = _optimizer_tensors(objects)
+        guarded = _optimizer_tensors(objects, local_tensor if sharded else None)
         later = []
         with torch.no_grad():
             for view, tensor in zip(views, tensors):
@@ -231,6 +235,9 @@ class Snapshots:
                 self._steps[self._taking] = meta.step
         except BaseException as error:  # raised by wait(), in the training thread
             self._error = error
+            self.buddy.offer(None, None, meta.step)  # the round still runs: the buddy expects it
+            return
+        self.buddy.offer(slot, data, meta.step)
 
     def wait(self) -> None:
         """Finish the copy in flight; raise its error, if any."""
@@ -238,6 +245,15 @@ class Snapshots:
         error, self._error = self._error, None
         if error is not None:
             raise CheckpointError(f"snapshot in {self.rank_dir} failed: {error}") from error
+
+    def settle(self) -> None:
+        """Finish the copy and the buddy exchanges in flight; raise their error, if any."""
+        self.wait()
+        try:
+            self.buddy.wait()
+        except BaseException as error:
+            raise CheckpointError(f"sending snapshots to the buddy rank {self.buddy.buddy} failed: "
+                                  f"{error}") from error
 
     def _hook(self, objects: dict[str, Any]) -> None:
         for obj in objects.values():
@@ -253,8 +269,10 @@ class Snapshots:
             temp = self.dir / f".owner.{os.getpid()}"
             temp.write_text(json.dumps({"root": self.root, "identity": _identity(self.root)}))
             os.replace(temp, owner)
-        held = sum(s.data_path.stat().st_size for s in self.slots if s.data_path.exists())
-        need = SLOTS * size * self.ctx.local_world_size
+        rings = self.slots + (self.buddy.held if self.buddy.enabled else [])
+        held = sum(s.data_path.stat().st_size for s in rings if s.data_path.exists())
+        copies = 2 if self.buddy.enabled else 1  # its own, and the one held for a buddy
+        need = SLOTS * size * self.ctx.local_world_size * copies
         free = shutil.disk_usage(self.dir).free + held * self.ctx.local_world_size
         short = torch.tensor([1.0 if need > free else 0.0])
         if self.ctx.distributed:
@@ -264,7 +282,8 @@ class Snapshots:
             room = f"only {free / _MIB:.1f} MiB are" if need > free else "another node has less"
             raise CheckpointError(
                 f"snapshots need {need / _MIB:.1f} MiB in {base_dir()} on a node ({SLOTS} slots x "
-                f"{size / _MIB:.1f} MiB x {self.ctx.local_world_size} ranks) but {room}"
+                f"{size / _MIB:.1f} MiB x {self.ctx.local_world_size} ranks"
+                f"{' x 2: own and buddy copies' if copies == 2 else ''}) but {room}"
                 " free; enlarge it (docker run --shm-size=..., or mount -o remount,size=... /dev/shm), "
                 "set DISTRAIN_SNAPSHOT_DIR to a larger tmpfs, or take snapshots off (snapshot_every=None)")
         self._checked = True
@@ -292,21 +311,38 @@ class Snapshots:
                 found[meta.step] = slot
         return found
 
-    def agree(self) -> int | None:
-        """The newest step whose snapshot every rank holds complete and verified, or None."""
-        self.wait()
-        mine = self.complete()
+    def inventory(self) -> list[Held]:
+        """Every complete slot on this node: all ranks' rings and the rings held for buddies."""
+        found = []
+        for ring in sorted(self.dir.glob("rank-*")) + sorted(self.dir.glob(f"{HELD}*")):
+            for index in range(SLOTS):
+                meta = Slot(ring, index).read_meta()
+                if meta is not None:
+                    found.append(Held(owner=meta.rank, step=meta.step, world_size=meta.world_size,
+                                      ring=ring.name, index=index))
+        return found
+
+    def agree(self, *, exact: bool = False) -> int | None:
+        """The newest step every rank can restore (from its node, or from the rank holding its
+        copy), every slot it needs verified, or None. ``exact``: each rank needs its own
+        state of a snapshot of this world size (FSDP shards)."""
+        self.settle()
+        inventories = _gather(self.ctx, self.inventory())
         excluded: set[int] = set()
         while True:
-            steps = sorted(set(mine) - excluded)
-            common = _intersect(self.ctx, steps)
-            if not common:
+            found = choose(inventories, exact=exact, excluded=frozenset(excluded))
+            if found is None:
+                self._plan = None
                 return None
-            step = max(common)
-            good = self._verify(mine[step], step)
+            step, sources = found
+            good = all(self._verify(self._slot(s.slot), step) for s in sources if s.holder == self.ctx.rank)
             if _all(self.ctx, good):
+                self._plan = (step, sources)
                 return step
             excluded.add(step)
+
+    def _slot(self, held: Held) -> Slot:
+        return Slot(self.dir / held.ring, held.index)
 
     @staticmethod
     def _verify(slot: Slot, step: int) -> bool:
@@ -314,27 +350,64 @@ class Snapshots:
         return meta is not None and meta.step == step and slot.verify(meta)
 
     def restore(self, step: int, objects: dict[str, Any], kinds: dict[str, str]) -> dict[str, Any]:
-        """Put snapshot ``step`` into ``objects`` and this rank's RNG; returns the JSON values."""
-        slot = self.complete()[step]
-        meta = slot.read_meta()
-        tensors = slot.read(meta) if meta is not None else None
-        if meta is None or tensors is None:
-            raise CheckpointError(f"snapshot step {step} in {slot.data_path.parent} changed while loading")
+        """Put snapshot ``step`` (as :meth:`agree` chose it, on every rank) into ``objects`` and
+        this rank's RNG; returns the JSON values."""
+        if self._plan is None or self._plan[0] != step:
+            raise CheckpointError(f"snapshot step {step} was not agreed on (call agree first)")
+        sources = self._plan[1]
+        me = self.ctx.rank
+        received = fetch(self.ctx, [(s.holder, s.rank, self._slot(s.slot) if s.holder == me else None)
+                                    for s in sources if s.remote])
+        source = sources[me]
+        where = (f"rank {source.holder}'s {source.slot.ring}" if source.remote
+                 else str(self.dir / source.slot.ring))
+        meta: SlotMeta | None
+        if source.remote and received is not None:
+            meta, data = received
+            tensors = tensor_views(meta, data) if digest(data) == meta.digest else None
+        else:
+            slot = self._slot(source.slot)
+            meta = slot.read_meta()
+            tensors = slot.read(meta) if meta is not None else None
+        if meta is None or tensors is None or meta.step != step:
+            raise CheckpointError(f"snapshot step {step} in {where} changed while loading")
         try:
             state = decode(meta.skeleton, tensors)
         except (IndexError, KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(f"snapshot step {step} in {slot.data_path.parent} is damaged: {error}") \
-                from error
+            raise CheckpointError(f"snapshot step {step} in {where} is damaged: {error}") from error
         saved = state["objects"]
         missing = sorted(set(objects) - set(saved))
         if missing:
             raise CheckpointError(f"snapshot step {step} holds no {', '.join(missing)}; "
                                   f"it holds {', '.join(sorted(saved))}")
+        sharded = self._sharded_names(objects, kinds)
+        if sharded:
+            restore_local(self._pairing(objects, kinds), {name: saved[name] for name in sharded})
         for name, obj in objects.items():
-            restore_object(name, obj, state["kinds"][name], saved[name])
-        own = meta.rank == self.ctx.rank  # else borrowed (the world grew): a derived seed
-        restore_rank_rng({"ranks": [state["rng"]]}, rank=0 if own else self.ctx.rank, step=step)
+            if name not in sharded:
+                restore_object(name, obj, state["kinds"][name], saved[name])
+        own = meta.rank == me  # else borrowed (the world grew): a derived seed
+        restore_rank_rng({"ranks": [state["rng"]]}, rank=0 if own else me, step=step)
+        self._plan = None
         return {name: saved[name] for name in objects if kinds[name] == "json"}
+
+    def _sharded_names(self, objects: dict[str, Any], kinds: dict[str, str]) -> set[str]:
+        """The FSDP models among ``objects`` and their optimizers (worked out once per set of objects)."""
+        key = tuple((name, id(obj)) for name, obj in objects.items())
+        if key != self._shards[0]:
+            fsdp = any(is_fsdp(obj) for obj in objects.values())
+            pairing = pair(objects, kinds) if fsdp else None
+            names = pairing.sharded_names() if pairing is not None else set()
+            # The objects are kept with the key: their ids stay unique while it is used.
+            self._shards = (key, list(objects.values()), pairing, names)
+        return self._shards[3]
+
+    def _pairing(self, objects: dict[str, Any], kinds: dict[str, str]) -> Pairing:
+        self._sharded_names(objects, kinds)
+        pairing = self._shards[2]
+        if pairing is None:
+            raise CheckpointError("no FSDP model among the snapshot's objects")
+        return pairing
 
     # -- dropping -------------------------------------------------------------------------
 
@@ -342,8 +415,8 @@ class Snapshots:
         """Invalidate slots up to ``through`` (a durable checkpoint of that step exists) and
         after ``after`` (states of an abandoned timeline: resumed from an older step); all of
         them when neither is given."""
-        self.wait()
-        for slot in self.slots:
+        self.settle()
+        for slot in self.slots + self.buddy.held:
             meta = slot.read_meta()
             if meta is None:
                 continue
@@ -354,14 +427,20 @@ class Snapshots:
 
     def close(self) -> None:
         """At cleanup and exit: wait; when the script ends cleanly, remove this rank's snapshots."""
+        clean = sys.exc_info()[0] is None and not hasattr(sys, "last_value")
         try:
-            self.wait()
+            if clean:
+                self.settle()
+            else:  # a peer may be gone: do not wait for an exchange with it
+                self.wait()
         finally:
+            self.buddy.close(join=clean)
             for hook in self._hooks:
                 hook.remove()
             self._hooks.clear()
-            if sys.exc_info()[0] is None and not hasattr(sys, "last_value"):
+            if clean:
                 shutil.rmtree(self.rank_dir, ignore_errors=True)
+                shutil.rmtree(self.buddy.dir, ignore_errors=True)
                 if self.ctx.local_rank == 0:  # ranks of a larger world that ran here before
                     for other in self.dir.glob("rank-*"):
                         if int(other.name.split("-")[1]) >= self.ctx.world_size:
@@ -380,16 +459,20 @@ def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
             target.copy_(source)
 
 
-def _optimizer_tensors(objects: dict[str, Any]) -> set[int]:
-    """Storages an optimizer step writes: its parameters and its state tensors."""
+def _optimizer_tensors(objects: dict[str, Any],
+                       local: Callable[[torch.Tensor], torch.Tensor] | None = None) -> set[int]:
+    """Storages an optimizer step writes: its parameters and its state tensors (``local``:
+    a sharded tensor's local part, whose storage the snapshot's tensor shares)."""
+    def storage(tensor: torch.Tensor) -> int:
+        return (local(tensor) if local is not None else tensor).untyped_storage().data_ptr()
+
     found: set[int] = set()
     for obj in objects.values():
         if isinstance(obj, torch.optim.Optimizer):
             for group in obj.param_groups:
-                found.update(p.untyped_storage().data_ptr() for p in group["params"])
+                found.update(storage(p) for p in group["params"])
             for values in obj.state.values():
-                found.update(v.untyped_storage().data_ptr() for v in values.values()
-                             if isinstance(v, torch.Tensor))
+                found.update(storage(v) for v in values.values() if isinstance(v, torch.Tensor))
     return found
 
 
@@ -406,12 +489,12 @@ def _waiter(snapshots: Snapshots) -> Callable[..., None]:
     return wait_for_copy
 
 
-def _intersect(ctx: Context, steps: list[int]) -> set[int]:
+def _gather(ctx: Context, held: list[Held]) -> list[list[Held]]:
     if not ctx.distributed:
-        return set(steps)
+        return [held]
     gathered: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(gathered, steps)
-    return set.intersection(*(set(s) for s in gathered))
+    dist.all_gather_object(gathered, held)
+    return gathered
 
 
 def _all(ctx: Context, ok: bool) -> bool:
