@@ -74,7 +74,7 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, *, fsdp: bool
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--save-every", type=int, default=2)
+    parser.add_argument("--save-every", type=int, default=2, help="0: no durable checkpoint at all")
     parser.add_argument("--async-save", action="store_true")
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--out", required=True)
@@ -137,7 +137,7 @@ def main() -> None:
                     write_atomic(out / "preempted", json.dumps({"step": step, "time": time.time()}))
                 ddp.cleanup()
                 return
-            if step % args.save_every == 0 or step == args.steps:
+            if args.save_every and (step % args.save_every == 0 or step == args.steps):
                 slow = attempt == 0 and step == args.ballast_at
                 ckpt.save(step, **state, **({"ballast": ballast(args.ballast_mb)} if slow else {}))
             if step >= args.steps:

@@ -122,6 +122,7 @@ class BuddyLink:
         meta_buffer = torch.empty(0, dtype=torch.uint8)
         _, meta_len, size = (int(v) for v in theirs.tolist())
         if meta_len:
+            self.dir.mkdir(parents=True, exist_ok=True)
             target = pick(self.held)
             target.invalidate()
             meta_buffer = torch.empty(meta_len, dtype=torch.uint8)

@@ -364,7 +364,8 @@ class Snapshots:
         meta: SlotMeta | None
         if source.remote and received is not None:
             meta, data = received
-            tensors = tensor_views(meta, data) if digest(data) == meta.digest else None
+            # Private tensors, as Slot.read gives: a view into the received bytes is no parameter
+            tensors = [v.clone() for v in tensor_views(meta, data)] if digest(data) == meta.digest else None
         else:
             slot = self._slot(source.slot)
             meta = slot.read_meta()
