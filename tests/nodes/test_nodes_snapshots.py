@@ -13,6 +13,7 @@ and the run ends ``torch.equal`` to an uninterrupted run on the same two hosts.
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -39,10 +40,12 @@ def run(hosts: list[Host], name: str, *extra: str, restarts: int = 0) -> list[tu
             "--save-every", "0", "--strategy", "fsdp", "--snapshot-every", "1", *extra]
     procs = launch(hosts, "static", SCRIPT, nproc=1, extra_flags=["--max-restarts", str(restarts)],
                    args=args, env={"DISTRAIN_SNAPSHOT_DIR": str(work / "shm")})
+    started = time.monotonic()
     try:
         return collect(procs, timeout=150)
     finally:
         stop(procs)
+        print(f"{name} {' '.join(extra)}: {time.monotonic() - started:.1f} s")
 
 
 @pytest.mark.timeout(420)
@@ -66,6 +69,7 @@ def test_fsdp_across_two_hosts_resumes_from_the_buddy_copy_after_losing_a_host(h
     line = next((line for line in resumed[0][1].splitlines() if "resumed from" in line), "")
     assert "resumed from snapshot step" in line, resumed[0][1][-3000:]
     step = int(line.rsplit(" ", 1)[1])
+    print(f"host 1 lost after step {KILL_AT}'s snapshot started; resumed from snapshot step {step}")
     assert KILL_AT - 3 <= step <= KILL_AT, line
     assert identical(host0.disk / "reference" / "final.pt", host0.disk / "lost" / "final.pt"), \
         f"resumed from step {step}: the final state differs from the uninterrupted run's"
