@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import hashlib
 import json
 import os
 import queue
@@ -35,7 +34,6 @@ import shutil
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,6 +43,7 @@ from distrain.ckpt.buddy import HELD, BuddyLink, fetch
 from distrain.ckpt.convert import Pairing, is_fsdp, pair
 from distrain.ckpt.rng_cache import RngCache
 from distrain.ckpt.skeleton import decode, encode, encode_state
+from distrain.ckpt.snapshot_dirs import base_dir, identity, remove, root_id, run_dir, sweep
 from distrain.ckpt.snapshot_files import Slot, SlotMeta, Spec, digest, layout, specs_of, tensor_views
 from distrain.ckpt.snapshot_plan import Held, Source, choose
 from distrain.ckpt.snapshot_shards import local_states, local_tensor, restore_local
@@ -58,55 +57,7 @@ if TYPE_CHECKING:
 
 SLOTS = 3
 INLINE_BYTES = 1 << 20  # states up to this size are copied at once, without the copier thread
-PREFIX = "distrain-snapshots-"
 _MIB = 2**20
-
-
-def base_dir() -> Path:
-    return Path(os.environ.get("DISTRAIN_SNAPSHOT_DIR") or "/dev/shm")
-
-
-def root_id(root: str | os.PathLike[str]) -> str:
-    """The checkpoint root as a stable string: an absolute path, or the URL as given."""
-    text = os.fspath(root)
-    return text if "://" in text else os.path.abspath(text)
-
-
-def run_dir(root: str | os.PathLike[str]) -> Path:
-    """This node's snapshot directory for the checkpoint root ``root`` (one per run)."""
-    digest = hashlib.sha256(root_id(root).encode()).hexdigest()[:16]
-    return base_dir() / f"{PREFIX}{digest}"
-
-
-def _identity(root: str) -> list[int] | None:
-    """(device, inode) of a local root: a root deleted and made again is a different run."""
-    if "://" in root:
-        return None
-    try:
-        info = os.stat(root)
-    except OSError:
-        return None
-    return [info.st_dev, info.st_ino]
-
-
-def sweep(base: Path) -> list[Path]:
-    """Remove snapshot directories whose local checkpoint root is gone or was made anew."""
-    removed = []
-    for path in base.glob(f"{PREFIX}*"):
-        try:
-            owner = json.loads((path / "owner.json").read_text())
-        except (OSError, ValueError):
-            continue  # being created, or not ours to judge
-        root = str(owner.get("root", ""))
-        if "://" not in root and _identity(root) != owner.get("identity"):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def remove(root: str | os.PathLike[str]) -> None:
-    """Remove every snapshot of ``root`` on this node (all ranks)."""
-    shutil.rmtree(run_dir(root), ignore_errors=True)
 
 
 class Snapshots:
@@ -267,7 +218,7 @@ class Snapshots:
         owner = self.dir / "owner.json"
         if not owner.exists():
             temp = self.dir / f".owner.{os.getpid()}"
-            temp.write_text(json.dumps({"root": self.root, "identity": _identity(self.root)}))
+            temp.write_text(json.dumps({"root": self.root, "identity": identity(self.root)}))
             os.replace(temp, owner)
         rings = self.slots + (self.buddy.held if self.buddy.enabled else [])
         held = sum(s.data_path.stat().st_size for s in rings if s.data_path.exists())
