@@ -8,9 +8,13 @@ a thread of its own sends it to the buddy and receives the snapshot of rank
 so these transfers never interleave with the training's collectives and never hold a step.
 
 Every rank runs one exchange round per snapshot, in order, so each send meets its receive. A
-round starts with a small header (step, whether a state follows, sizes); when a newer snapshot
-was taken while the previous round was still sending, the round sends the header only: a slow
-link skips snapshots instead of queueing them. The held slot's meta file (the sender's, with
+round starts with a one-number all-reduce on the group: when any rank took a newer snapshot
+while the previous round was still sending, every rank skips this one (a slow link skips
+snapshots instead of queueing them), so every rank sends, or none does. Each rank keeps its
+own snapshots of the two newest rounds that went everywhere (``pinned``: its ring does not
+overwrite them): a round starts on a rank only once every rank has finished the one before,
+so when a node is lost every survivor still holds its own state of a step whose copies of the
+lost ranks' states the buddies hold. The held slot's meta file (the sender's, with
 the digest of its data) is written only after the data arrived, by an atomic rename, so a held
 slot is complete or absent; one whose data changed in flight fails its digest at load and is
 not used.
@@ -55,6 +59,9 @@ class BuddyLink:
         self.dir = node_dir / f"{HELD}{self.source:05d}"
         self.held = [Slot(self.dir, i) for i in range(slots)]
         self.sent = self.skipped = 0
+        # The steps of the two newest rounds whose copies went everywhere: after a node is lost,
+        # every survivor still holds its own snapshot of one of them (see _round)
+        self.pinned: tuple[int | None, int | None] = (None, None)
         self._group: Any = None
         self._jobs: queue.SimpleQueue[tuple[Slot | None, torch.Tensor | None, int] | None] = \
             queue.SimpleQueue()
@@ -106,30 +113,27 @@ class BuddyLink:
                 raw = slot.meta_path.read_bytes()
             except OSError:
                 raw = b""
-        if raw:
-            self.sent += 1
-        else:
+        # Every rank sends, or none does: the rounds whose copies went everywhere are then the
+        # same on every rank, and each rank keeps its own snapshot of the newest two (pinned).
+        agreed = torch.tensor([1 if raw else 0])
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self._group)
+        if not agreed.item() or data is None:
             self.skipped += 1
+            return
         buddy = self.buddy if self.buddy is not None else self.ctx.rank  # rounds run only with one
-        mine = torch.tensor([step, len(raw), data.numel() if raw and data is not None else 0])
-        theirs = torch.zeros(3, dtype=torch.int64)
+        mine = torch.tensor([len(raw), data.numel()])
+        theirs = torch.zeros(2, dtype=torch.int64)
         _exchange([(mine, buddy)], [(theirs, self.source)], self._group)
-        sends = []
-        if raw and data is not None:
-            sends = [(torch.frombuffer(bytearray(raw), dtype=torch.uint8), buddy), (data, buddy)]
-        receives = []
-        target: Slot | None = None
-        meta_buffer = torch.empty(0, dtype=torch.uint8)
-        _, meta_len, size = (int(v) for v in theirs.tolist())
-        if meta_len:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            target = pick(self.held)
-            target.invalidate()
-            meta_buffer = torch.empty(meta_len, dtype=torch.uint8)
-            receives = [(meta_buffer, self.source), (target.allocate(size), self.source)]
-        _exchange(sends, receives, self._group)
-        if target is not None:
-            target.commit_raw(meta_buffer.numpy().tobytes())
+        meta_len, size = (int(v) for v in theirs.tolist())
+        self.dir.mkdir(parents=True, exist_ok=True)
+        target = pick(self.held)
+        target.invalidate()
+        meta_buffer = torch.empty(meta_len, dtype=torch.uint8)
+        _exchange([(torch.frombuffer(bytearray(raw), dtype=torch.uint8), buddy), (data, buddy)],
+                  [(meta_buffer, self.source), (target.allocate(size), self.source)], self._group)
+        target.commit_raw(meta_buffer.numpy().tobytes())
+        self.sent += 1
+        self.pinned = (step, self.pinned[0])  # a new tuple: read by the training thread
 
     def wait(self) -> None:
         """Until every queued round is done; raise a round's error, if any."""

@@ -5,14 +5,20 @@
     /dev/shm/distrain-snapshots-<hash of root>/      (DISTRAIN_SNAPSHOT_DIR instead of /dev/shm)
       owner.json                                     the root it belongs to (stale ones are swept)
       rank-00001/slot-{0,1,2}.bin|.meta              this rank's ring of three slots
+      held-00003/slot-{0,1,2}.bin|.meta              copies of rank 3's (its buddy is here)
 
-Each rank keeps its own state (objects, JSON values, its RNG) in a ring of preallocated slots.
+Each rank keeps its own state (objects, JSON values, its RNG) in a ring of preallocated slots;
+under FSDP its own shards of the model and optimizer (:mod:`distrain.ckpt.snapshot_shards`).
+With more than one node each snapshot is also sent to the rank's buddy on the next node
+(:mod:`distrain.ckpt.buddy`), and ``load_latest`` takes a rank's state from wherever it is
+(:mod:`distrain.ckpt.snapshot_plan`).
 A small state (up to :data:`INLINE_BYTES`) is copied and committed at once. Of a larger one,
 ``snapshot`` takes the parts that may change before the next optimizer step at once and copies
 the tensors an optimizer owns (parameters and optimizer state) in a background thread while the
 next forward and backward run; the optimizer's next ``step`` waits for that copy (a step
 pre-hook), so the copy is of exactly this step's state. It runs after every step, so it does
-nothing per step that it need not: no collective, no new buffers, no pickle.
+nothing per step that it need not: no collective on the training's group, no new buffers, no
+pickle.
 
 Why three slots, not two: under DDP one rank can be a step ahead of another when a
 rank dies, so the newest state every rank holds complete is the one before; with two slots the
@@ -165,11 +171,14 @@ class Snapshots:
                 self._idle.set()
 
     def _pick(self) -> Slot:
-        """The slot to overwrite: an empty one, else the one holding the oldest step."""
+        """The slot to overwrite: an empty one, else the one holding the oldest step that is not
+        one of the newest two whose buddy copies went everywhere."""
         if self._steps is None:
             self._steps = [m.step if m is not None else None for m in (s.read_meta() for s in self.slots)]
         steps = self._steps
-        index = min(range(SLOTS), key=lambda i: (steps[i] is not None, steps[i] or 0))
+        pinned = self.buddy.pinned  # the buddy copies of these exist everywhere: keep them
+        index = min(range(SLOTS), key=lambda i: (steps[i] is not None and steps[i] in pinned,
+                                                 steps[i] is not None, steps[i] or 0))
         steps[index] = None
         self._taking = index
         return self.slots[index]
