@@ -251,16 +251,8 @@ class Snapshots:
     # -- finding and restoring -----------------------------------------------------------
 
     def complete(self) -> dict[int, Slot]:
-        """This rank's complete slots by step (its own, or when it has none, the lowest rank's on
-        this node: under DDP every rank holds the same state; its RNG is then derived)."""
-        found = self._complete(self.slots)
-        if found or self.rank_dir.exists():
-            return found
-        for other in sorted(self.dir.glob("rank-*")):
-            found = self._complete([Slot(other, i) for i in range(SLOTS)])
-            if found:
-                return found
-        return {}
+        """This rank's own complete slots by step (what :meth:`agree` may use: :meth:`inventory`)."""
+        return self._complete(self.slots)
 
     @staticmethod
     def _complete(slots: list[Slot]) -> dict[int, Slot]:
