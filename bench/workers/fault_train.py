@@ -15,6 +15,8 @@ optimizer state) into ``--out``. What the harness needs to aim its faults:
 * ``--snapshot-every N`` keeps an in-memory snapshot every N steps (``ckpt.snapshot``);
   ``--kill-rank R --kill-at N`` (first attempt only) makes rank R SIGKILL itself right after
   step N's snapshot started (its copy is then usually still in flight);
+* ``--strategy fsdp`` shards the model (FSDP2): sharded durable checkpoints, snapshots of each
+  rank's shard; ``final.pt`` then holds the gathered state (optimizer state keyed by name);
 * ``--hang-rank R --hang-at N`` makes rank R block forever before step N's collective (a stuck
   rank): the others must fail by the collective timeout ``--timeout`` (``ddp.init(timeout=...)``).
 """
@@ -54,10 +56,25 @@ def ballast(megabytes: int) -> nn.Module:
     return module
 
 
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, *, fsdp: bool) -> dict[str, object]:
+    """Model and optimizer state, gathered in full under FSDP (optimizer state keyed by name)."""
+    if not fsdp:
+        return {"model": ddp.unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {"model": get_model_state_dict(model, options=options),
+            "optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--save-every", type=int, default=2)
+    parser.add_argument("--save-every", type=int, default=2, help="0: no durable checkpoint at all")
     parser.add_argument("--async-save", action="store_true")
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--out", required=True)
@@ -70,6 +87,7 @@ def main() -> None:
     parser.add_argument("--kill-at", type=int, default=None)
     parser.add_argument("--hang-rank", type=int, default=None)
     parser.add_argument("--hang-at", type=int, default=None)
+    parser.add_argument("--strategy", default="auto", help="ddp.wrap's strategy (fsdp: sharded)")
     args = parser.parse_args()
 
     # A stuck rank keeps SIGTERM's default (die at once), as a script without handlers would.
@@ -85,7 +103,7 @@ def main() -> None:
     loader = build_loader(dataset, ctx, batch_size=8, shuffle=True, seed=3, num_workers=0)
     model = ddp.wrap(nn.Sequential(nn.Linear(64, args.width), nn.ReLU(), nn.Dropout(0.3),
                                    nn.Linear(args.width, args.width), nn.ReLU(), nn.Dropout(0.3),
-                                   nn.Linear(args.width, 8)), ctx)
+                                   nn.Linear(args.width, 8)), ctx, strategy=args.strategy)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=20, gamma=0.7)
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "loader": loader}
@@ -119,15 +137,15 @@ def main() -> None:
                     write_atomic(out / "preempted", json.dumps({"step": step, "time": time.time()}))
                 ddp.cleanup()
                 return
-            if step % args.save_every == 0 or step == args.steps:
+            if args.save_every and (step % args.save_every == 0 or step == args.steps):
                 slow = attempt == 0 and step == args.ballast_at
                 ckpt.save(step, **state, **({"ballast": ballast(args.ballast_mb)} if slow else {}))
             if step >= args.steps:
                 break
         epoch += 1
     ckpt.wait()
+    final = full_state(model, optimizer, fsdp=args.strategy == "fsdp")  # FSDP: a collective
     if ctx.is_main:
-        final = {"model": ddp.unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
         temp = out / f".final.{os.getpid()}"
         torch.save(final, temp)
         os.replace(temp, out / "final.pt")

@@ -439,7 +439,8 @@ class Checkpointer:
                                   "a dict to receive the saved JSON value",
                                   f"pass {name}={{}} or read .values[{name!r}] after loading")
         self.wait()
-        in_memory = self._snapshots.agree() if self._snapshots is not None else None
+        exact = any(is_fsdp(obj) for obj in objects.values())  # shards: own rank, same world size
+        in_memory = self._snapshots.agree(exact=exact) if self._snapshots is not None else None
         choice: str | None = None
         error: str | None = None
         if self.ctx.is_main:

@@ -5,14 +5,20 @@
     /dev/shm/distrain-snapshots-<hash of root>/      (DISTRAIN_SNAPSHOT_DIR instead of /dev/shm)
       owner.json                                     the root it belongs to (stale ones are swept)
       rank-00001/slot-{0,1,2}.bin|.meta              this rank's ring of three slots
+      held-00003/slot-{0,1,2}.bin|.meta              copies of rank 3's (its buddy is here)
 
-Each rank keeps its own state (objects, JSON values, its RNG) in a ring of preallocated slots.
+Each rank keeps its own state (objects, JSON values, its RNG) in a ring of preallocated slots;
+under FSDP its own shards of the model and optimizer (:mod:`distrain.ckpt.snapshot_shards`).
+With more than one node each snapshot is also sent to the rank's buddy on the next node
+(:mod:`distrain.ckpt.buddy`), and ``load_latest`` takes a rank's state from wherever it is
+(:mod:`distrain.ckpt.snapshot_plan`).
 A small state (up to :data:`INLINE_BYTES`) is copied and committed at once. Of a larger one,
 ``snapshot`` takes the parts that may change before the next optimizer step at once and copies
 the tensors an optimizer owns (parameters and optimizer state) in a background thread while the
 next forward and backward run; the optimizer's next ``step`` waits for that copy (a step
 pre-hook), so the copy is of exactly this step's state. It runs after every step, so it does
-nothing per step that it need not: no collective, no new buffers, no pickle.
+nothing per step that it need not: no collective on the training's group, no new buffers, no
+pickle.
 
 Why three slots, not two: under DDP one rank can be a step ahead of another when a
 rank dies, so the newest state every rank holds complete is the one before; with two slots the
@@ -27,7 +33,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import hashlib
 import json
 import os
 import queue
@@ -35,16 +40,19 @@ import shutil
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from distrain.ckpt.convert import is_fsdp
+from distrain.ckpt.buddy import HELD, BuddyLink, fetch
+from distrain.ckpt.convert import Pairing, is_fsdp, pair
 from distrain.ckpt.rng_cache import RngCache
 from distrain.ckpt.skeleton import decode, encode, encode_state
-from distrain.ckpt.snapshot_files import Slot, SlotMeta, Spec, digest, layout, specs_of
+from distrain.ckpt.snapshot_dirs import base_dir, identity, remove, root_id, run_dir, sweep
+from distrain.ckpt.snapshot_files import Slot, SlotMeta, Spec, digest, layout, specs_of, tensor_views
+from distrain.ckpt.snapshot_plan import Held, Source, choose
+from distrain.ckpt.snapshot_shards import local_states, local_tensor, restore_local
 from distrain.ckpt.state import restore_object, restore_rank_rng, state_of
 from distrain.ckpt.store import CheckpointError
 from distrain.errors import ConfigError
@@ -55,55 +63,7 @@ if TYPE_CHECKING:
 
 SLOTS = 3
 INLINE_BYTES = 1 << 20  # states up to this size are copied at once, without the copier thread
-PREFIX = "distrain-snapshots-"
 _MIB = 2**20
-
-
-def base_dir() -> Path:
-    return Path(os.environ.get("DISTRAIN_SNAPSHOT_DIR") or "/dev/shm")
-
-
-def root_id(root: str | os.PathLike[str]) -> str:
-    """The checkpoint root as a stable string: an absolute path, or the URL as given."""
-    text = os.fspath(root)
-    return text if "://" in text else os.path.abspath(text)
-
-
-def run_dir(root: str | os.PathLike[str]) -> Path:
-    """This node's snapshot directory for the checkpoint root ``root`` (one per run)."""
-    digest = hashlib.sha256(root_id(root).encode()).hexdigest()[:16]
-    return base_dir() / f"{PREFIX}{digest}"
-
-
-def _identity(root: str) -> list[int] | None:
-    """(device, inode) of a local root: a root deleted and made again is a different run."""
-    if "://" in root:
-        return None
-    try:
-        info = os.stat(root)
-    except OSError:
-        return None
-    return [info.st_dev, info.st_ino]
-
-
-def sweep(base: Path) -> list[Path]:
-    """Remove snapshot directories whose local checkpoint root is gone or was made anew."""
-    removed = []
-    for path in base.glob(f"{PREFIX}*"):
-        try:
-            owner = json.loads((path / "owner.json").read_text())
-        except (OSError, ValueError):
-            continue  # being created, or not ours to judge
-        root = str(owner.get("root", ""))
-        if "://" not in root and _identity(root) != owner.get("identity"):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def remove(root: str | os.PathLike[str]) -> None:
-    """Remove every snapshot of ``root`` on this node (all ranks)."""
-    shutil.rmtree(run_dir(root), ignore_errors=True)
 
 
 class Snapshots:
@@ -135,7 +95,9 @@ class Snapshots:
         self._offsets: list[int] = []
         self._size = 0
         self._table: str | None = None  # the meta file's tensor table for self._specs
-        self._plain: dict[int, Any] = {}  # objects checked not to be FSDP (kept: ids stay unique)
+        self._shards: tuple[Any, list[Any], Pairing | None, set[str]] = ((), [], None, set())
+        self._plan: tuple[int, list[Source]] | None = None  # what agree() chose, for restore()
+        self.buddy = BuddyLink(ctx, self.dir, SLOTS)
         if ctx.local_rank == 0 and base_dir().is_dir():
             sweep(base_dir())
         # Also a script that drops its Checkpointer and never calls cleanup ends clean: the
@@ -150,17 +112,15 @@ class Snapshots:
         Small states are copied, digested and committed here and now (handing them to a thread
         costs more than the copy); larger ones leave the optimizer's tensors to the copier."""
         self.wait()
-        for obj in objects.values():
-            if id(obj) not in self._plain:  # checked once per object (it walks the modules)
-                if is_fsdp(obj):
-                    raise ConfigError("snapshot of an FSDP model", "FSDP", "a DDP or plain model",
-                                      "use durable checkpoints (ckpt.save) for FSDP runs for now")
-                self._plain[id(obj)] = obj
+        sharded = self._sharded_names(objects, kinds)
         tensors: list[torch.Tensor] = []
         states = []
+        shards = local_states(self._pairing(objects, kinds), sharded) if sharded else {}
         for name, obj in objects.items():
             kind = kinds[name]
-            if kind == "module":  # keep_vars: no detach per tensor; copied under no_grad
+            if name in shards:  # this rank's shards of an FSDP model or of its optimizer
+                state = shards[name]
+            elif kind == "module":  # keep_vars: no detach per tensor; copied under no_grad
                 state = unwrap(obj).state_dict(keep_vars=True)
             elif kind == "json":  # as a durable checkpoint keeps it (a JSON round trip)
                 state = json.loads(json.dumps(obj))
@@ -175,6 +135,7 @@ class Snapshots:
             self._table = None
         if not self._checked:
             self._check_room(self._size)
+            self.buddy.start()
         slot = self._pick()
         slot.invalidate()
         data = slot.allocate(self._size)
@@ -186,7 +147,7 @@ class Snapshots:
             self._finish(slot, meta, data, [])
             self.wait()
             return
-        guarded = _optimizer_tensors(objects)
+        guarded = _optimizer_tensors(objects, local_tensor if sharded else None)
         later = []
         with torch.no_grad():
             for view, tensor in zip(views, tensors):
@@ -210,11 +171,14 @@ class Snapshots:
                 self._idle.set()
 
     def _pick(self) -> Slot:
-        """The slot to overwrite: an empty one, else the one holding the oldest step."""
+        """The slot to overwrite: an empty one, else the one holding the oldest step that is not
+        one of the newest two whose buddy copies went everywhere."""
         if self._steps is None:
             self._steps = [m.step if m is not None else None for m in (s.read_meta() for s in self.slots)]
         steps = self._steps
-        index = min(range(SLOTS), key=lambda i: (steps[i] is not None, steps[i] or 0))
+        pinned = self.buddy.pinned  # the buddy copies of these exist everywhere: keep them
+        index = min(range(SLOTS), key=lambda i: (steps[i] is not None and steps[i] in pinned,
+                                                 steps[i] is not None, steps[i] or 0))
         steps[index] = None
         self._taking = index
         return self.slots[index]
@@ -231,6 +195,9 @@ class Snapshots:
                 self._steps[self._taking] = meta.step
         except BaseException as error:  # raised by wait(), in the training thread
             self._error = error
+            self.buddy.offer(None, None, meta.step)  # the round still runs: the buddy expects it
+            return
+        self.buddy.offer(slot, data, meta.step)
 
     def wait(self) -> None:
         """Finish the copy in flight; raise its error, if any."""
@@ -238,6 +205,15 @@ class Snapshots:
         error, self._error = self._error, None
         if error is not None:
             raise CheckpointError(f"snapshot in {self.rank_dir} failed: {error}") from error
+
+    def settle(self) -> None:
+        """Finish the copy and the buddy exchanges in flight; raise their error, if any."""
+        self.wait()
+        try:
+            self.buddy.wait()
+        except BaseException as error:
+            raise CheckpointError(f"sending snapshots to the buddy rank {self.buddy.buddy} failed: "
+                                  f"{error}") from error
 
     def _hook(self, objects: dict[str, Any]) -> None:
         for obj in objects.values():
@@ -251,10 +227,12 @@ class Snapshots:
         owner = self.dir / "owner.json"
         if not owner.exists():
             temp = self.dir / f".owner.{os.getpid()}"
-            temp.write_text(json.dumps({"root": self.root, "identity": _identity(self.root)}))
+            temp.write_text(json.dumps({"root": self.root, "identity": identity(self.root)}))
             os.replace(temp, owner)
-        held = sum(s.data_path.stat().st_size for s in self.slots if s.data_path.exists())
-        need = SLOTS * size * self.ctx.local_world_size
+        rings = self.slots + (self.buddy.held if self.buddy.enabled else [])
+        held = sum(s.data_path.stat().st_size for s in rings if s.data_path.exists())
+        copies = 2 if self.buddy.enabled else 1  # its own, and the one held for a buddy
+        need = SLOTS * size * self.ctx.local_world_size * copies
         free = shutil.disk_usage(self.dir).free + held * self.ctx.local_world_size
         short = torch.tensor([1.0 if need > free else 0.0])
         if self.ctx.distributed:
@@ -264,7 +242,8 @@ class Snapshots:
             room = f"only {free / _MIB:.1f} MiB are" if need > free else "another node has less"
             raise CheckpointError(
                 f"snapshots need {need / _MIB:.1f} MiB in {base_dir()} on a node ({SLOTS} slots x "
-                f"{size / _MIB:.1f} MiB x {self.ctx.local_world_size} ranks) but {room}"
+                f"{size / _MIB:.1f} MiB x {self.ctx.local_world_size} ranks"
+                f"{' x 2: own and buddy copies' if copies == 2 else ''}) but {room}"
                 " free; enlarge it (docker run --shm-size=..., or mount -o remount,size=... /dev/shm), "
                 "set DISTRAIN_SNAPSHOT_DIR to a larger tmpfs, or take snapshots off (snapshot_every=None)")
         self._checked = True
@@ -272,16 +251,8 @@ class Snapshots:
     # -- finding and restoring -----------------------------------------------------------
 
     def complete(self) -> dict[int, Slot]:
-        """This rank's complete slots by step (its own, or when it has none, the lowest rank's on
-        this node: under DDP every rank holds the same state; its RNG is then derived)."""
-        found = self._complete(self.slots)
-        if found or self.rank_dir.exists():
-            return found
-        for other in sorted(self.dir.glob("rank-*")):
-            found = self._complete([Slot(other, i) for i in range(SLOTS)])
-            if found:
-                return found
-        return {}
+        """This rank's own complete slots by step (what :meth:`agree` may use: :meth:`inventory`)."""
+        return self._complete(self.slots)
 
     @staticmethod
     def _complete(slots: list[Slot]) -> dict[int, Slot]:
@@ -292,21 +263,38 @@ class Snapshots:
                 found[meta.step] = slot
         return found
 
-    def agree(self) -> int | None:
-        """The newest step whose snapshot every rank holds complete and verified, or None."""
-        self.wait()
-        mine = self.complete()
+    def inventory(self) -> list[Held]:
+        """Every complete slot on this node: all ranks' rings and the rings held for buddies."""
+        found = []
+        for ring in sorted(self.dir.glob("rank-*")) + sorted(self.dir.glob(f"{HELD}*")):
+            for index in range(SLOTS):
+                meta = Slot(ring, index).read_meta()
+                if meta is not None:
+                    found.append(Held(owner=meta.rank, step=meta.step, world_size=meta.world_size,
+                                      ring=ring.name, index=index))
+        return found
+
+    def agree(self, *, exact: bool = False) -> int | None:
+        """The newest step every rank can restore (from its node, or from the rank holding its
+        copy), every slot it needs verified, or None. ``exact``: each rank needs its own
+        state of a snapshot of this world size (FSDP shards)."""
+        self.settle()
+        inventories = _gather(self.ctx, self.inventory())
         excluded: set[int] = set()
         while True:
-            steps = sorted(set(mine) - excluded)
-            common = _intersect(self.ctx, steps)
-            if not common:
+            found = choose(inventories, exact=exact, excluded=frozenset(excluded))
+            if found is None:
+                self._plan = None
                 return None
-            step = max(common)
-            good = self._verify(mine[step], step)
+            step, sources = found
+            good = all(self._verify(self._slot(s.slot), step) for s in sources if s.holder == self.ctx.rank)
             if _all(self.ctx, good):
+                self._plan = (step, sources)
                 return step
             excluded.add(step)
+
+    def _slot(self, held: Held) -> Slot:
+        return Slot(self.dir / held.ring, held.index)
 
     @staticmethod
     def _verify(slot: Slot, step: int) -> bool:
@@ -314,27 +302,65 @@ class Snapshots:
         return meta is not None and meta.step == step and slot.verify(meta)
 
     def restore(self, step: int, objects: dict[str, Any], kinds: dict[str, str]) -> dict[str, Any]:
-        """Put snapshot ``step`` into ``objects`` and this rank's RNG; returns the JSON values."""
-        slot = self.complete()[step]
-        meta = slot.read_meta()
-        tensors = slot.read(meta) if meta is not None else None
-        if meta is None or tensors is None:
-            raise CheckpointError(f"snapshot step {step} in {slot.data_path.parent} changed while loading")
+        """Put snapshot ``step`` (as :meth:`agree` chose it, on every rank) into ``objects`` and
+        this rank's RNG; returns the JSON values."""
+        if self._plan is None or self._plan[0] != step:
+            raise CheckpointError(f"snapshot step {step} was not agreed on (call agree first)")
+        sources = self._plan[1]
+        me = self.ctx.rank
+        received = fetch(self.ctx, [(s.holder, s.rank, self._slot(s.slot) if s.holder == me else None)
+                                    for s in sources if s.remote])
+        source = sources[me]
+        where = (f"rank {source.holder}'s {source.slot.ring}" if source.remote
+                 else str(self.dir / source.slot.ring))
+        meta: SlotMeta | None
+        if source.remote and received is not None:
+            meta, data = received
+            # Private tensors, as Slot.read gives: a view into the received bytes is no parameter
+            tensors = [v.clone() for v in tensor_views(meta, data)] if digest(data) == meta.digest else None
+        else:
+            slot = self._slot(source.slot)
+            meta = slot.read_meta()
+            tensors = slot.read(meta) if meta is not None else None
+        if meta is None or tensors is None or meta.step != step:
+            raise CheckpointError(f"snapshot step {step} in {where} changed while loading")
         try:
             state = decode(meta.skeleton, tensors)
         except (IndexError, KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(f"snapshot step {step} in {slot.data_path.parent} is damaged: {error}") \
-                from error
+            raise CheckpointError(f"snapshot step {step} in {where} is damaged: {error}") from error
         saved = state["objects"]
         missing = sorted(set(objects) - set(saved))
         if missing:
             raise CheckpointError(f"snapshot step {step} holds no {', '.join(missing)}; "
                                   f"it holds {', '.join(sorted(saved))}")
+        sharded = self._sharded_names(objects, kinds)
+        if sharded:
+            restore_local(self._pairing(objects, kinds), {name: saved[name] for name in sharded})
         for name, obj in objects.items():
-            restore_object(name, obj, state["kinds"][name], saved[name])
-        own = meta.rank == self.ctx.rank  # else borrowed (the world grew): a derived seed
-        restore_rank_rng({"ranks": [state["rng"]]}, rank=0 if own else self.ctx.rank, step=step)
+            if name not in sharded:
+                restore_object(name, obj, state["kinds"][name], saved[name])
+        own = meta.rank == me  # else borrowed (the world grew): a derived seed
+        restore_rank_rng({"ranks": [state["rng"]]}, rank=0 if own else me, step=step)
+        self._plan = None
         return {name: saved[name] for name in objects if kinds[name] == "json"}
+
+    def _sharded_names(self, objects: dict[str, Any], kinds: dict[str, str]) -> set[str]:
+        """The FSDP models among ``objects`` and their optimizers (worked out once per set of objects)."""
+        key = tuple((name, id(obj)) for name, obj in objects.items())
+        if key != self._shards[0]:
+            fsdp = any(is_fsdp(obj) for obj in objects.values())
+            pairing = pair(objects, kinds) if fsdp else None
+            names = pairing.sharded_names() if pairing is not None else set()
+            # The objects are kept with the key: their ids stay unique while it is used.
+            self._shards = (key, list(objects.values()), pairing, names)
+        return self._shards[3]
+
+    def _pairing(self, objects: dict[str, Any], kinds: dict[str, str]) -> Pairing:
+        self._sharded_names(objects, kinds)
+        pairing = self._shards[2]
+        if pairing is None:
+            raise CheckpointError("no FSDP model among the snapshot's objects")
+        return pairing
 
     # -- dropping -------------------------------------------------------------------------
 
@@ -342,8 +368,8 @@ class Snapshots:
         """Invalidate slots up to ``through`` (a durable checkpoint of that step exists) and
         after ``after`` (states of an abandoned timeline: resumed from an older step); all of
         them when neither is given."""
-        self.wait()
-        for slot in self.slots:
+        self.settle()
+        for slot in self.slots + self.buddy.held:
             meta = slot.read_meta()
             if meta is None:
                 continue
@@ -354,14 +380,20 @@ class Snapshots:
 
     def close(self) -> None:
         """At cleanup and exit: wait; when the script ends cleanly, remove this rank's snapshots."""
+        clean = sys.exc_info()[0] is None and not hasattr(sys, "last_value")
         try:
-            self.wait()
+            if clean:
+                self.settle()
+            else:  # a peer may be gone: do not wait for an exchange with it
+                self.wait()
         finally:
+            self.buddy.close(join=clean)
             for hook in self._hooks:
                 hook.remove()
             self._hooks.clear()
-            if sys.exc_info()[0] is None and not hasattr(sys, "last_value"):
+            if clean:
                 shutil.rmtree(self.rank_dir, ignore_errors=True)
+                shutil.rmtree(self.buddy.dir, ignore_errors=True)
                 if self.ctx.local_rank == 0:  # ranks of a larger world that ran here before
                     for other in self.dir.glob("rank-*"):
                         if int(other.name.split("-")[1]) >= self.ctx.world_size:
@@ -380,16 +412,20 @@ def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
             target.copy_(source)
 
 
-def _optimizer_tensors(objects: dict[str, Any]) -> set[int]:
-    """Storages an optimizer step writes: its parameters and its state tensors."""
+def _optimizer_tensors(objects: dict[str, Any],
+                       local: Callable[[torch.Tensor], torch.Tensor] | None = None) -> set[int]:
+    """Storages an optimizer step writes: its parameters and its state tensors (``local``:
+    a sharded tensor's local part, whose storage the snapshot's tensor shares)."""
+    def storage(tensor: torch.Tensor) -> int:
+        return (local(tensor) if local is not None else tensor).untyped_storage().data_ptr()
+
     found: set[int] = set()
     for obj in objects.values():
         if isinstance(obj, torch.optim.Optimizer):
             for group in obj.param_groups:
-                found.update(p.untyped_storage().data_ptr() for p in group["params"])
+                found.update(storage(p) for p in group["params"])
             for values in obj.state.values():
-                found.update(v.untyped_storage().data_ptr() for v in values.values()
-                             if isinstance(v, torch.Tensor))
+                found.update(storage(v) for v in values.values() if isinstance(v, torch.Tensor))
     return found
 
 
@@ -406,12 +442,12 @@ def _waiter(snapshots: Snapshots) -> Callable[..., None]:
     return wait_for_copy
 
 
-def _intersect(ctx: Context, steps: list[int]) -> set[int]:
+def _gather(ctx: Context, held: list[Held]) -> list[list[Held]]:
     if not ctx.distributed:
-        return set(steps)
+        return [held]
     gathered: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(gathered, steps)
-    return set.intersection(*(set(s) for s in gathered))
+    dist.all_gather_object(gathered, held)
+    return gathered
 
 
 def _all(ctx: Context, ok: bool) -> bool:

@@ -86,6 +86,23 @@ class SlotMeta:
                    offsets=[int(o) for _, _, o in found["tensors"]], skeleton=found["skeleton"])
 
 
+def tensor_views(meta: SlotMeta, data: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors of the state described by ``meta`` as views into the bytes ``data``."""
+    views = []
+    for offset, (dtype, shape) in zip(meta.offsets, meta.specs):
+        nbytes = dtype.itemsize
+        for n in shape:
+            nbytes *= n
+        views.append(data[offset:offset + nbytes].view(dtype).view(shape))
+    return views
+
+
+def pick(slots: list[Slot]) -> Slot:
+    """The slot of a ring to overwrite: an empty one, else the one holding the oldest step."""
+    steps = [meta.step if meta is not None else None for meta in (s.read_meta() for s in slots)]
+    return slots[min(range(len(slots)), key=lambda i: (steps[i] is not None, steps[i] or 0))]
+
+
 class Slot:
     """One slot of a rank's snapshot ring: a data file mapped into memory and its meta file."""
 
@@ -105,6 +122,10 @@ class Slot:
         self._data = None
         self._views = None
         self.invalidate()
+        # A new file, not the old one resized: a thread still sending the old data (a buddy
+        # copy) keeps its mapping of the old file, which shrinking in place would SIGBUS.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.data_path)
         fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             os.ftruncate(fd, size)
@@ -120,12 +141,7 @@ class Slot:
         key = (meta.specs, data.data_ptr(), data.numel())
         if self._views is not None and self._views[0] == key:
             return self._views[1]
-        views = []
-        for offset, (dtype, shape) in zip(meta.offsets, meta.specs):
-            nbytes = dtype.itemsize
-            for n in shape:
-                nbytes *= n
-            views.append(data[offset:offset + nbytes].view(dtype).view(shape))
+        views = tensor_views(meta, data)
         if data is self._data:
             self._views = (key, views)
         return views
@@ -135,9 +151,13 @@ class Slot:
             os.unlink(self._meta)
 
     def commit(self, meta: SlotMeta, table: str | None = None) -> None:
+        self.commit_raw(meta.to_bytes(table))
+
+    def commit_raw(self, raw: bytes) -> None:
+        """Publish the meta file ``raw`` (the data is complete): an atomic rename."""
         fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, meta.to_bytes(table))
+            os.write(fd, raw)
         finally:
             os.close(fd)
         os.replace(self._temp, self._meta)
@@ -152,9 +172,13 @@ class Slot:
         except (OSError, TypeError, KeyError, ValueError, IndexError, AttributeError):
             return None
 
+    def mapped(self, size: int) -> torch.Tensor:
+        """The data file, mapped (as it is: not checked)."""
+        return torch.from_file(str(self.data_path), shared=True, size=size, dtype=torch.uint8)
+
     def _mapped(self, meta: SlotMeta) -> torch.Tensor | None:
         """The data, mapped, if it matches its digest."""
-        data = torch.from_file(str(self.data_path), shared=True, size=meta.size, dtype=torch.uint8)
+        data = self.mapped(meta.size)
         return data if digest(data) == meta.digest else None
 
     def verify(self, meta: SlotMeta) -> bool:

@@ -301,3 +301,25 @@ def test_a_snapshot_from_four_ranks_resumes_on_two(tmp_path: Path, shm_clean: Pa
     assert_ok(train(tmp_path / "ref", out / "ref-four", nproc=4, max_restarts=0, steps=step))
     assert_ok(train(tmp_path / "ref", out / "ref-two", nproc=2, max_restarts=0, steps=steps))
     assert identical(out / "ref-two" / "final.pt", out / "two" / "final.pt")
+
+
+@pytest.mark.timeout(400)
+def test_fsdp_shards_resume_from_the_snapshot_after_a_sigkill(tmp_path: Path) -> None:
+    """FSDP on 2 ranks: each rank snapshots its own shard; a rank is SIGKILLed, the launcher
+    restarts the group, every rank restores its shard of the newest common step, and the run
+    ends torch.equal to an uninterrupted FSDP run."""
+    steps, kill_at = 24, random.Random().randrange(3, 22)
+    fsdp = ("--strategy", "fsdp")
+    assert_ok(train(tmp_path / "ref", tmp_path / "ref-out", *fsdp, max_restarts=0, steps=steps))
+    ckpt = tmp_path / "ckpt"
+    try:
+        result = train(ckpt, tmp_path / "out", *fsdp, "--snapshot-every", "1", "--kill-rank", "1",
+                       "--kill-at", str(kill_at), steps=steps)
+        assert_ok(result)
+        source, step = resumed(result)
+        assert source == "snapshot step" and step >= kill_at - 1, (source, step, kill_at)
+        assert identical(tmp_path / "ref-out" / "final.pt", tmp_path / "out" / "final.pt"), \
+            f"killed at {kill_at}, resumed from {step}: the final state differs"
+        assert not run_dir(ckpt).exists(), f"snapshots left in {run_dir(ckpt)}"
+    finally:
+        shutil.rmtree(run_dir(ckpt), ignore_errors=True)
