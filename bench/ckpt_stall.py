@@ -101,10 +101,13 @@ def stall(root: Path, reps: int, steps: int) -> dict[str, Any]:
     }
     seconds: dict[str, list[float]] = {name: [] for name in sides}
     blocked: dict[str, list[float]] = {name: [] for name in sides}
+    cpu: dict[str, list[float]] = {name: [] for name in sides}
     names = list(sides)
     for rep in range(reps):
         for name in names[rep % 3:] + names[:rep % 3]:
+            before = time.process_time()  # every thread of this process: the writer's too
             total, paused = train_segment(model, optimizer, steps, *sides[name])
+            cpu[name].append(time.process_time() - before)
             seconds[name].append(total)
             blocked[name].append(paused)
     saves = ("blocking", "async")
@@ -115,7 +118,14 @@ def stall(root: Path, reps: int, steps: int) -> dict[str, Any]:
     # Ratio of the medians; nan when the blocking save cost nothing measurable (noise won).
     lost = median(slowdown["async"]) / median(slowdown["blocking"]) if median(slowdown["blocking"]) > 0 \
         else float("nan")
-    return {"lost_ratio": round(lost, 3), "bytes": state_bytes(model, optimizer), "steps": steps,
+    # CPU seconds the save added to the segment (user + system, all threads): what it takes from
+    # training when the cores are busy, and, unlike wall time, hardly moved by other load.
+    extra_cpu = {name: [c - base for c, base in zip(cpu[name], cpu["none"])] for name in saves}
+    blocking_cpu = median(extra_cpu["blocking"])
+    cpu_ratio = median(extra_cpu["async"]) / blocking_cpu if blocking_cpu > 0 else float("nan")
+    return {"lost_ratio": round(lost, 3), "cpu_s": cpu, "extra_cpu_s": extra_cpu,
+            "median_extra_cpu_s": {k: round(median(extra_cpu[k]), 3) for k in saves},
+            "cpu_ratio": round(cpu_ratio, 3), "bytes": state_bytes(model, optimizer), "steps": steps,
             "segment_s": seconds,
             "blocked_s": {k: blocked[k] for k in saves}, "slowdown_s": slowdown,
             "median_blocked_s": {k: round(median(blocked[k]), 3) for k in saves},
@@ -170,6 +180,7 @@ def run_bench(reps: int = 5, *, steps: int = 12, directory: Path | None = None) 
     note = f"{note_before} before, {load_note()} after"
     mb = stalled["bytes"] / 2**20
     stopped, lost = stalled["median_blocked_s"], stalled["median_slowdown_s"]
+    extra_cpu = stalled["median_extra_cpu_s"]
     print(table(f"Checkpoint cost: {mb:.0f} MB of state, one save in a {steps}-step segment "
                 f"({stalled['median_segment_s']:.1f}s without a save), median of {reps} "
                 f"({note}; disk of {root.parent})",
@@ -178,6 +189,8 @@ def run_bench(reps: int = 5, *, steps: int = 12, directory: Path | None = None) 
                   goal_mark(stalled["ratio"], STALL_GOAL, at_most=True)],
                  ["training time lost (s)", lost["async"], lost["blocking"], stalled["lost_ratio"],
                   goal_mark(stalled["lost_ratio"], LOST_GOAL, at_most=True)],
+                 ["CPU s added to the segment (all threads)", extra_cpu["async"], extra_cpu["blocking"],
+                  stalled["cpu_ratio"], "report"],
                  ["write MB/s (sync Checkpointer.save vs dd conv=fsync)", written["ckpt_mb_s"],
                   written["dd_mb_s"], written["ratio"],
                   goal_mark(written["ratio"], THROUGHPUT_GOAL, at_most=False)]]), flush=True)

@@ -66,6 +66,7 @@ from distrain.ckpt.store import (
     read_manifest,
     verify,
 )
+from distrain.ckpt.tensorfile import save_state
 from distrain.collectives import broadcast, first_failure
 from distrain.errors import ConfigError
 from distrain.group import resolve
@@ -331,8 +332,8 @@ class Checkpointer:
         try:
             if before is not None:
                 before(staging)
-            writers = {f"{name}.pt": functools.partial(_torch_save, state) for name, state in states.items()}
-            staging.write_files({**writers, RNG_FILE: functools.partial(_torch_save, rng)})
+            writers = {f"{name}.pt": functools.partial(save_state, state) for name, state in states.items()}
+            staging.write_files({**writers, RNG_FILE: functools.partial(save_state, rng)})
             staging.write_json(JSON_FILE, values)
             path = staging.commit(meta)
         except OSError as error:
@@ -509,6 +510,3 @@ class Checkpointer:
         self.path = path
         return step
 
-
-def _torch_save(state: Any, file: Any) -> None:
-    torch.save(state, file)
