@@ -16,6 +16,10 @@ real training loop on 2 CPU threads.
   time over the no-save segment next to it: it also counts what the background writer takes
   from training when both share the same cores (this CPU-only machine), which is what a user
   pays; goal: async <= 0.5 of blocking (ratio of the medians).
+* **CPU**: the CPU seconds (user + system, every thread of the process) the save added to its
+  segment, and the CPU seconds of one save with nothing else running (async ``save`` + ``wait``
+  against ``torch.save``): what a save takes from training on busy cores, little moved by other
+  load on the machine, where the wall-time rows are.
 * **Throughput**: a synchronous ``Checkpointer.save`` (staging directory, fsync of every file,
   hashes, manifest, atomic rename) against ``dd ... conv=fsync`` of the same files into the same
   directory, interleaved. Goal: >= 0.8 of dd.
@@ -133,6 +137,35 @@ def stall(root: Path, reps: int, steps: int) -> dict[str, Any]:
             "median_segment_s": round(median(seconds["none"]), 3), "ratio": round(ratio, 3)}
 
 
+def save_cpu(root: Path, reps: int) -> dict[str, Any]:
+    """CPU seconds of one save with nothing else running in the process (user + system, every
+    thread: the async writer's too; the kernel's writeback threads are not counted). Interleaved
+    async ``save`` + ``wait`` and blocking ``torch.save``: the work a save takes from training on
+    busy cores, whatever else loads the machine."""
+    model, optimizer = build_state()
+    train_segment(model, optimizer, 2, None, None)
+    ckpt = Checkpointer(root / "cpu", ddp.init(), keep_last=1, async_save=True)
+    counter = iter(range(1, 10_000))
+
+    def cpu_of(save: Callable[[], None]) -> Callable[[], float]:
+        def timed() -> float:
+            before = time.process_time()
+            save()
+            return time.process_time() - before
+        return timed
+
+    def blocking() -> None:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, root / "cpu.pt")
+
+    def background() -> None:
+        ckpt.save(next(counter), model=model, optimizer=optimizer)
+        ckpt.wait()
+
+    times = interleave(reps, {"async": cpu_of(background), "blocking": cpu_of(blocking)})
+    return {"cpu_s": times, "median_cpu_s": {k: round(median(v), 3) for k, v in times.items()},
+            "ratio": round(median(times["async"]) / median(times["blocking"]), 3)}
+
+
 def throughput(root: Path, reps: int) -> dict[str, Any]:
     model, optimizer = build_state()
     train_segment(model, optimizer, 1, None, None)
@@ -174,6 +207,7 @@ def run_bench(reps: int = 5, *, steps: int = 12, directory: Path | None = None) 
     note_before = load_note()
     try:
         stalled = stall(root, reps, steps)
+        spent = save_cpu(root, reps)
         written = throughput(root, reps)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -191,10 +225,12 @@ def run_bench(reps: int = 5, *, steps: int = 12, directory: Path | None = None) 
                   goal_mark(stalled["lost_ratio"], LOST_GOAL, at_most=True)],
                  ["CPU s added to the segment (all threads)", extra_cpu["async"], extra_cpu["blocking"],
                   stalled["cpu_ratio"], "report"],
+                 ["CPU s per save, nothing else running (all threads)", spent["median_cpu_s"]["async"],
+                  spent["median_cpu_s"]["blocking"], spent["ratio"], "report"],
                  ["write MB/s (sync Checkpointer.save vs dd conv=fsync)", written["ckpt_mb_s"],
                   written["dd_mb_s"], written["ratio"],
                   goal_mark(written["ratio"], THROUGHPUT_GOAL, at_most=False)]]), flush=True)
-    return {"reps": reps, "load": note, "stall": stalled, "throughput": written}
+    return {"reps": reps, "load": note, "stall": stalled, "save_cpu": spent, "throughput": written}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

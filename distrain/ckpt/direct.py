@@ -70,7 +70,7 @@ class HashingFile:
 
     def __init__(self, path: Path, hasher: ThreadPoolExecutor | None = None, *, direct: bool = True) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         self._direct_fd: int | None = None
         self._direct = direct and hasattr(os, "O_DIRECT")
         self._hasher = hasher
