@@ -509,4 +509,3 @@ class Checkpointer:
         self.values = values
         self.path = path
         return step
-
