@@ -16,6 +16,11 @@ real training loop on 2 CPU threads.
   time over the no-save segment next to it: it also counts what the background writer takes
   from training when both share the same cores (this CPU-only machine), which is what a user
   pays; goal: async <= 0.5 of blocking (ratio of the medians).
+* **CPU**: the CPU seconds (user + system, every thread of the process) of one save with
+  nothing else running (async ``save`` + ``wait`` against ``torch.save``, interleaved): what a
+  save takes from training on busy cores, little moved by other load on the machine, where the
+  wall-time rows are. (The CPU each save added to its training segment is kept in the results
+  as ``extra_cpu_s``; other load moves the training's own CPU time too much to print it.)
 * **Throughput**: a synchronous ``Checkpointer.save`` (staging directory, fsync of every file,
   hashes, manifest, atomic rename) against ``dd ... conv=fsync`` of the same files into the same
   directory, interleaved. Goal: >= 0.8 of dd.
@@ -101,10 +106,13 @@ def stall(root: Path, reps: int, steps: int) -> dict[str, Any]:
     }
     seconds: dict[str, list[float]] = {name: [] for name in sides}
     blocked: dict[str, list[float]] = {name: [] for name in sides}
+    cpu: dict[str, list[float]] = {name: [] for name in sides}
     names = list(sides)
     for rep in range(reps):
         for name in names[rep % 3:] + names[:rep % 3]:
+            before = time.process_time()  # every thread of this process: the writer's too
             total, paused = train_segment(model, optimizer, steps, *sides[name])
+            cpu[name].append(time.process_time() - before)
             seconds[name].append(total)
             blocked[name].append(paused)
     saves = ("blocking", "async")
@@ -115,12 +123,48 @@ def stall(root: Path, reps: int, steps: int) -> dict[str, Any]:
     # Ratio of the medians; nan when the blocking save cost nothing measurable (noise won).
     lost = median(slowdown["async"]) / median(slowdown["blocking"]) if median(slowdown["blocking"]) > 0 \
         else float("nan")
-    return {"lost_ratio": round(lost, 3), "bytes": state_bytes(model, optimizer), "steps": steps,
+    # CPU seconds the save added to the segment (user + system, all threads): what it takes from
+    # training when the cores are busy, and, unlike wall time, hardly moved by other load.
+    extra_cpu = {name: [c - base for c, base in zip(cpu[name], cpu["none"])] for name in saves}
+    blocking_cpu = median(extra_cpu["blocking"])
+    cpu_ratio = median(extra_cpu["async"]) / blocking_cpu if blocking_cpu > 0 else float("nan")
+    return {"lost_ratio": round(lost, 3), "cpu_s": cpu, "extra_cpu_s": extra_cpu,
+            "median_extra_cpu_s": {k: round(median(extra_cpu[k]), 3) for k in saves},
+            "cpu_ratio": round(cpu_ratio, 3), "bytes": state_bytes(model, optimizer), "steps": steps,
             "segment_s": seconds,
             "blocked_s": {k: blocked[k] for k in saves}, "slowdown_s": slowdown,
             "median_blocked_s": {k: round(median(blocked[k]), 3) for k in saves},
             "median_slowdown_s": {k: round(median(slowdown[k]), 3) for k in saves},
             "median_segment_s": round(median(seconds["none"]), 3), "ratio": round(ratio, 3)}
+
+
+def save_cpu(root: Path, reps: int) -> dict[str, Any]:
+    """CPU seconds of one save with nothing else running in the process (user + system, every
+    thread: the async writer's too; the kernel's writeback threads are not counted). Interleaved
+    async ``save`` + ``wait`` and blocking ``torch.save``: the work a save takes from training on
+    busy cores, whatever else loads the machine."""
+    model, optimizer = build_state()
+    train_segment(model, optimizer, 2, None, None)
+    ckpt = Checkpointer(root / "cpu", ddp.init(), keep_last=1, async_save=True)
+    counter = iter(range(1, 10_000))
+
+    def cpu_of(save: Callable[[], None]) -> Callable[[], float]:
+        def timed() -> float:
+            before = time.process_time()
+            save()
+            return time.process_time() - before
+        return timed
+
+    def blocking() -> None:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, root / "cpu.pt")
+
+    def background() -> None:
+        ckpt.save(next(counter), model=model, optimizer=optimizer)
+        ckpt.wait()
+
+    times = interleave(reps, {"async": cpu_of(background), "blocking": cpu_of(blocking)})
+    return {"cpu_s": times, "median_cpu_s": {k: round(median(v), 3) for k, v in times.items()},
+            "ratio": round(median(times["async"]) / median(times["blocking"]), 3)}
 
 
 def throughput(root: Path, reps: int) -> dict[str, Any]:
@@ -164,6 +208,7 @@ def run_bench(reps: int = 5, *, steps: int = 12, directory: Path | None = None) 
     note_before = load_note()
     try:
         stalled = stall(root, reps, steps)
+        spent = save_cpu(root, reps)
         written = throughput(root, reps)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -178,10 +223,12 @@ def run_bench(reps: int = 5, *, steps: int = 12, directory: Path | None = None) 
                   goal_mark(stalled["ratio"], STALL_GOAL, at_most=True)],
                  ["training time lost (s)", lost["async"], lost["blocking"], stalled["lost_ratio"],
                   goal_mark(stalled["lost_ratio"], LOST_GOAL, at_most=True)],
+                 ["CPU s per save, nothing else running (all threads)", spent["median_cpu_s"]["async"],
+                  spent["median_cpu_s"]["blocking"], spent["ratio"], "report"],
                  ["write MB/s (sync Checkpointer.save vs dd conv=fsync)", written["ckpt_mb_s"],
                   written["dd_mb_s"], written["ratio"],
                   goal_mark(written["ratio"], THROUGHPUT_GOAL, at_most=False)]]), flush=True)
-    return {"reps": reps, "load": note, "stall": stalled, "throughput": written}
+    return {"reps": reps, "load": note, "stall": stalled, "save_cpu": spent, "throughput": written}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from distrain.ckpt import serialize
 from distrain.ckpt.background import BackgroundWriter
 from distrain.ckpt.convert import gather_full, is_fsdp, original_class, restore_full
 from distrain.ckpt.dcp_names import STORAGE
@@ -68,6 +67,7 @@ from distrain.ckpt.store import (
     read_manifest,
     verify,
 )
+from distrain.ckpt.tensorfile import save_state
 from distrain.collectives import broadcast, first_failure
 from distrain.errors import ConfigError
 from distrain.group import InFlight, hold_until_cleanup, on_cleanup, resolve
@@ -335,10 +335,10 @@ class Checkpointer:
         try:
             if before is not None:
                 before(staging)
-            writers = {f"{name}.pt": functools.partial(serialize.save, state)
+            writers = {f"{name}.pt": functools.partial(save_state, state)
                        for name, state in states.items()}
             # All side by side: a checkpoint's small files add no round trip of their own.
-            staging.write_files({**writers, RNG_FILE: functools.partial(serialize.save, rng),
+            staging.write_files({**writers, RNG_FILE: functools.partial(save_state, rng),
                                  JSON_FILE: json_writer(values)})
             path = staging.commit(meta)
         except OSError as error:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from distrain.ckpt.store import CheckpointError, CheckpointPath, UnsafeCheckpointError
+from distrain.ckpt.tensorfile import aligned_empty
 from distrain.errors import ConfigError
 from distrain.wrapping import unwrap
 
@@ -112,7 +113,7 @@ def snapshot(value: Any, *, copy: bool, where: str, staging: dict[str, torch.Ten
 def _staged_copy(tensor: torch.Tensor, where: str, staging: dict[str, torch.Tensor]) -> torch.Tensor:
     buffer = staging.get(where)
     if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-        buffer = torch.empty(tensor.shape, dtype=tensor.dtype)
+        buffer = aligned_empty(tensor.shape, tensor.dtype)  # page-aligned: written by direct I/O
         staging[where] = buffer
     return buffer.copy_(tensor)
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from distrain.ckpt import digest as file_digest
+from distrain.ckpt.direct import HashingFile
 from distrain.ckpt.remote import ObjectPath
 from distrain.errors import CheckpointError as CheckpointError  # its home; imported from here too
 from distrain.errors import ConfigError
@@ -92,74 +93,6 @@ def _safe_relative(name: str) -> bool:
     return bool(parts) and not Path(name).is_absolute() and ".." not in parts and name != MANIFEST
 
 
-def _writeback_starter() -> Callable[[int], None]:
-    """``start(fd)``: ask the kernel to begin writing the file's dirty pages now (Linux
-    ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; it does not wait). The closing fsync then has
-    little left to do: the disk works while the rest of the file is still being serialized and
-    hashed. Elsewhere a no-op."""
-    import ctypes
-
-    try:
-        sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return lambda fd: None
-    sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    write_only = 2  # SYNC_FILE_RANGE_WRITE; offset 0, length 0: the whole file
-
-    def start(fd: int) -> None:
-        sync_file_range(fd, 0, 0, write_only)  # best effort: an error only means no head start
-
-    return start
-
-
-_start_writeback = _writeback_starter()
-
-
-class _HashingWriter:
-    """A write-only file object that hashes and counts what passes through (no second read).
-
-    Large writes are hashed on a helper thread while this thread writes them: both release the
-    GIL, so a save costs about max(hash, write) instead of hash + write. After each large write
-    the kernel is asked to start writing it back (see :func:`_writeback_starter`). The state
-    files are written side by side (:meth:`Staging.write_files`); ``bench/ckpt_stall.py``
-    compares the throughput with ``dd``.
-    """
-
-    PARALLEL_BYTES = 1 << 20  # below this the hand-off costs more than it saves
-
-    def __init__(self, file: IO[bytes], hasher: ThreadPoolExecutor | None = None) -> None:
-        self._file = file
-        self._hasher = hasher
-        self.digest = file_digest.new()
-        self.size = 0
-        self.error: OSError | None = None  # torch.save turns a failed write into a vague error
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        view = memoryview(data)
-        self.size += view.nbytes
-        large = view.nbytes >= self.PARALLEL_BYTES
-        hashed = None
-        if self._hasher is not None and large:
-            hashed = self._hasher.submit(self.digest.update, view)
-        else:
-            self.digest.update(view)
-        try:
-            written = self._file.write(view)
-            if large:
-                self._file.flush()
-                _start_writeback(self._file.fileno())
-            return written
-        except OSError as error:
-            self.error = self.error or error
-            raise
-        finally:
-            if hashed is not None:
-                hashed.result()  # the caller may reuse ``data`` once write returns
-
-    def flush(self) -> None:
-        self._file.flush()
-
-
 class Staging:
     """A checkpoint being written: files go into a hidden directory, :meth:`commit` publishes it."""
 
@@ -171,22 +104,25 @@ class Staging:
         self.files: dict[str, dict[str, Any]] = {}
 
     def write_file(self, name: str, write: Callable[[IO[bytes]], None]) -> None:
-        """Create ``name`` and fill it with ``write(file)``; hashed while written, then fsynced."""
+        """Create ``name`` and fill it with ``write(file)``; hashed while written, then fsynced
+        (large page-aligned pieces go to the disk by direct I/O, see :mod:`distrain.ckpt.direct`)."""
         target = self.path / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "xb") as raw, ThreadPoolExecutor(1, thread_name_prefix="distrain-hash") as hasher:
-            hashing = _HashingWriter(raw, hasher)
+        with ThreadPoolExecutor(1, thread_name_prefix="distrain-hash") as hasher:
+            hashing = HashingFile(target, hasher)
             try:
-                write(hashing)  # type: ignore[arg-type]  # a file object as far as writers care
-            except Exception as error:
-                if hashing.error is None:
-                    raise
-                failed = hashing.error
-                if failed.filename is None:
-                    failed = OSError(failed.errno, failed.strerror, str(target))
-                raise failed from error
-            raw.flush()
-            os.fsync(raw.fileno())
+                try:
+                    write(hashing)  # type: ignore[arg-type]  # a file object as far as writers care
+                except Exception as error:
+                    if hashing.error is None:
+                        raise
+                    failed = hashing.error
+                    if failed.filename is None:
+                        failed = OSError(failed.errno, failed.strerror, str(target))
+                    raise failed from error
+                hashing.close(sync=True)
+            finally:
+                hashing.close(sync=False)
         self.files[name] = file_digest.record(hashing.digest, hashing.size)
 
     def write_files(self, writers: dict[str, Callable[[IO[bytes]], None]]) -> None:

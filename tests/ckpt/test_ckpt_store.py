@@ -339,8 +339,9 @@ def test_async_saves_reuse_their_staging_copies_and_each_checkpoint_keeps_its_ow
         assert verify(tmp_path / f"step-{step:08d}").ok
 
 
-def test_async_background_error_surfaces_on_the_next_call(tmp_path: Path) -> None:
-    model = nn.Linear(256, 256)
+@pytest.mark.parametrize("width", [256, 1024], ids=["page-cache", "direct-io"])
+def test_async_background_error_surfaces_on_the_next_call(tmp_path: Path, width: int) -> None:
+    model = nn.Linear(width, width)  # 1024: a 4 MB weight, written by direct I/O from its staging copy
     ckpt = Checkpointer(tmp_path, CTX, async_save=True)
     with file_size_limit(64 * 1024):
         ckpt.save(1, model=model)  # returns at once; the write fails in the background
