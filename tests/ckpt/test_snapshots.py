@@ -170,7 +170,8 @@ def test_rng_states_reused_only_while_unchanged() -> None:
     random.seed(5)
     draws = [lambda: None, lambda: np.random.normal(), lambda: np.random.normal(),
              lambda: np.random.randint(9), lambda: random.gauss(0, 1), lambda: random.gauss(0, 1),
-             lambda: random.random(), lambda: torch.rand(1)]
+             lambda: random.random(), lambda: torch.rand(1), lambda: random.seed(7),
+             lambda: random.setstate(random.getstate()), lambda: random.getrandbits(70)]
     for draw in draws * 2:
         draw()
         assert _equal(cache.capture(), capture_rng())
