@@ -202,6 +202,10 @@ def test_a_slot_is_complete_only_while_its_commit_word_matches_its_meta(tmp_path
         file.seek(HEADER.size + 5)
         file.write(b"9" if whole[HEADER.size + 5:HEADER.size + 6] != b"9" else b"8")  # a flipped JSON byte
     assert reader.read_meta() is None
+    meta.skeleton = ["l", list(range(5000))]  # outgrows the mapped meta file: a larger one replaces it
+    slot.commit(meta)
+    found = reader.read_meta()
+    assert found is not None and found.skeleton == ["l", list(range(5000))]
 
 
 def _snapshot_forever(root: Path, ready: int) -> None:
