@@ -81,7 +81,7 @@ def sections(plan: Plan) -> dict[str, Callable[[], Any]]:
         "snapshots": lambda: snapshots.run_bench(pairs=6 if plan.fault_trials < 20 else 20,
                                                  reps=1 if plan.fault_trials < 20 else 3,
                                                  trials=plan.fault_trials,
-                                                 goodput_steps=0 if plan.fault_trials < 20 else 4000),
+                                                 goodput_seconds=0 if plan.fault_trials < 20 else 180),
     }
     sharded = sharded_runner(plan)
     if sharded is not None:

@@ -12,9 +12,12 @@
   snapshot every step, a durable checkpoint every 20) vs ``torchrun --max-restarts 1`` running the
   same script resuming from its last ``torch.save`` (every 20 steps). Recovery = from the kill
   to the first completed step after the restart; steps lost = kill step - resumed step.
-* Goodput: the same script for ``--goodput-steps`` steps (about 3 minutes here) with a random
-  worker SIGKILLed every ``--kill-every`` seconds (30) and up to 100 restarts; goodput = the
-  wall time of the same run without faults / the wall time with them, distrain vs torchrun.
+* Goodput: the same script for as many steps as a clean distrain run does in
+  ``--goodput-seconds`` (180; sized by a 40-step probe run), with a random worker SIGKILLed
+  every ``--kill-every`` seconds (30) and up to 100 restarts; goodput = the wall time of the
+  same run without faults / the wall time with them, distrain vs torchrun (clean runs of both
+  first, then the runs with faults). A run with faults still going after four times its clean
+  run's time is stopped: its goodput is reported as below 0.25.
 * Fault trials: ``bench/fault_trials.py``'s snapshot variant (random rank, random step, a
   snapshot every step and a durable checkpoint every 50; bit-identical end, <= 1 step lost).
 """
@@ -130,11 +133,12 @@ def newest_pids(out: Path) -> list[int]:
 
 
 def goodput_once(root: Path, side: str, *, steps: int, kill_every: float | None,
-                 rng: random.Random, give_up_after: float | None = None) -> dict[str, Any]:
+                 rng: random.Random, give_up_after: float | None = None,
+                 name: str | None = None) -> dict[str, Any]:
     """Wall time of one run (and how many kills landed), with a kill every ``kill_every`` s.
     ``give_up_after``: seconds after which a run with faults is stopped (``wall_s`` None): a
     launcher whose restart outlasts the interval between kills never gets to the end."""
-    name = f"goodput-{side}-{'faults' if kill_every else 'clean'}"
+    name = name or f"goodput-{side}-{'faults' if kill_every else 'clean'}"
     ckpt, out = root / f"{name}-ckpt", root / name
     script = [str(WORKERS / "recovery_train.py"), "--ckpt", str(ckpt), "--out", str(out),
               "--steps", str(steps), "--save-every", str(SAVE_EVERY),
@@ -164,12 +168,30 @@ def goodput_once(root: Path, side: str, *, steps: int, kill_every: float | None,
     return {"wall_s": round(done.seconds, 1), "kills": kills}
 
 
-def goodput(root: Path, *, steps: int, kill_every: float, rng: random.Random) -> dict[str, Any]:
-    """Clean wall time / wall time with faults, per side; a run with faults that takes more than
+def steps_for(root: Path, seconds: float, rng: random.Random) -> int:
+    """The step count whose clean distrain run takes about ``seconds`` (start-up included), from
+    a 40-step probe run: its start-up and its loop's speed (the marks recovery_train.py writes)."""
+    probe = 40
+    run_ = goodput_once(root, "distrain", steps=probe, kill_every=None, rng=rng, name="goodput-probe")
+    out = root / "goodput-probe"
+    started = min(json.loads(p.read_text())["time"] for p in (out / "pids").glob("attempt0-rank*"))
+    loop = json.loads((out / "done.json").read_text())["time"] - started
+    startup = max(run_["wall_s"] - loop, 0.0)
+    return max(probe, round((seconds - startup) * probe / max(loop, 1e-3)))
+
+
+def goodput(root: Path, *, steps: int | None = None, seconds: float = 180.0, kill_every: float,
+            rng: random.Random) -> dict[str, Any]:
+    """Clean wall time / wall time with faults, per side, of a run of ``steps`` steps (or of as
+    many as a clean distrain run does in ``seconds``); a run with faults that takes more than
     four times its clean run is stopped, and its goodput reported as below 0.25."""
+    if steps is None:
+        steps = steps_for(root, seconds, rng)
     result: dict[str, Any] = {"steps": steps, "kill_every_s": kill_every}
+    cleans = {side: goodput_once(root, side, steps=steps, kill_every=None, rng=rng)
+              for side in ("distrain", "torchrun")}
     for side in ("distrain", "torchrun"):
-        clean = goodput_once(root, side, steps=steps, kill_every=None, rng=rng)
+        clean = cleans[side]
         faulty = goodput_once(root, side, steps=steps, kill_every=kill_every, rng=rng,
                               give_up_after=4 * clean["wall_s"])
         figure = round(clean["wall_s"] / faulty["wall_s"], 3) if faulty["wall_s"] else None
@@ -181,23 +203,30 @@ def goodput(root: Path, *, steps: int, kill_every: float, rng: random.Random) ->
           f"({result['distrain']['kills']} kills, {result['distrain']['clean_s']}s clean, "
           f"{result['distrain']['faults_s']}s with faults), torchrun {shown['torchrun']} "
           f"({result['torchrun']['kills']} kills, {result['torchrun']['clean_s']}s clean, "
-          f"{result['torchrun']['faults_s']}s with faults)", flush=True)
+          f"{result['torchrun']['faults_s']}s with faults); {steps} steps", flush=True)
     return result
 
 
 def run_bench(*, pairs: int = 20, reps: int = 3, trials: int = 20, seed: int = 0,
-              goodput_steps: int = 4000, kill_every: float = 30.0,
-              keep: Path | None = None) -> dict[str, Any]:
+              goodput_seconds: float = 180.0, goodput_steps: int | None = None,
+              kill_every: float = 30.0, keep: Path | None = None,
+              skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``goodput_seconds``: 0 for no goodput runs; ``goodput_steps`` instead of sizing them by
+    time; ``skip``: any of ``step_time``, ``recovery`` (run the rest only)."""
     root = Path(tempfile.mkdtemp(prefix="snapshots-")) if keep is None else keep
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     print(f"snapshots: {pairs} pairs, {reps} recoveries per side, {trials} fault trials; {load_note()}",
           flush=True)
     try:
-        report: dict[str, Any] = {"step_time": step_time(root, pairs=pairs)}
-        report["recovery"] = recovery(root, reps=reps, rng=rng)
-        if goodput_steps:
-            report["goodput"] = goodput(root, steps=goodput_steps, kill_every=kill_every, rng=rng)
+        report: dict[str, Any] = {}
+        if "step_time" not in skip:
+            report["step_time"] = step_time(root, pairs=pairs)
+        if "recovery" not in skip:
+            report["recovery"] = recovery(root, reps=reps, rng=rng)
+        if goodput_seconds or goodput_steps:
+            report["goodput"] = goodput(root, steps=goodput_steps, seconds=goodput_seconds,
+                                        kill_every=kill_every, rng=rng)
         if trials:
             report["trials"] = fault_trials.snapshot_trials(root / "trials", trials, rng)
         return report
@@ -212,13 +241,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="6 pairs, 1 recovery per side, 3 trials")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, default=None, help="keep runs and logs here")
-    parser.add_argument("--goodput-steps", type=int, default=None, help="0: no goodput runs")
+    parser.add_argument("--goodput-seconds", type=float, default=None,
+                        help="length of a clean goodput run (default 180; 0: no goodput runs)")
+    parser.add_argument("--goodput-steps", type=int, default=None, help="a fixed step count instead")
     parser.add_argument("--kill-every", type=float, default=30.0)
     parser.add_argument("--skip-trials", action="store_true")
+    parser.add_argument("--only-goodput", action="store_true", help="no step time or recovery runs")
     args = parser.parse_args(argv)
-    sizes: dict[str, Any] = {"pairs": 6, "reps": 1, "trials": 3, "goodput_steps": 0} if args.quick else {}
+    sizes: dict[str, Any] = {"pairs": 6, "reps": 1, "trials": 3, "goodput_seconds": 0} if args.quick else {}
+    if args.goodput_seconds is not None:
+        sizes["goodput_seconds"] = args.goodput_seconds
     if args.goodput_steps is not None:
         sizes["goodput_steps"] = args.goodput_steps
+    if args.only_goodput:
+        sizes["skip"] = ("step_time", "recovery")
     if args.skip_trials:
         sizes["trials"] = 0
     report = run_bench(seed=args.seed, keep=args.keep, kill_every=args.kill_every, **sizes)

@@ -10,8 +10,8 @@ itself after step ``--kill-at`` (if given). On a later attempt rank 0 writes ``o
 the step it resumed from, the time its first step after that completed, and when it started
 (``started``: the script's first line), had its process group (``group``), had built the model
 and optimizer (``built``) and had loaded the state (``loaded``). Every rank writes its
-pid to ``out/pids/attempt<A>-rank<R>`` (the goodput harness kills from those); rank 0 writes
-``out/done.json`` at the end.
+pid and the time its loop starts to ``out/pids/attempt<A>-rank<R>`` (the goodput harness kills
+from those and sizes its runs by them); rank 0 writes ``out/done.json`` at the end.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def main() -> None:
         step = plain.load(model.module, optimizer)
     marks["loaded"] = time.time()
     (args.out / "pids").mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "pids" / f"attempt{attempt}-rank{rank}", {"pid": os.getpid()})
+    write_json(args.out / "pids" / f"attempt{attempt}-rank{rank}", {"pid": os.getpid(), "time": time.time()})
     resumed_from, first_done = step, attempt == 0
     batch, world = work.batch_size, dist.get_world_size()
     data, labels = work.dataset.tensors

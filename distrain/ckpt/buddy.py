@@ -109,10 +109,7 @@ class BuddyLink:
     def _round(self, slot: Slot | None, data: torch.Tensor | None, step: int) -> None:
         raw = b""
         if slot is not None and data is not None and self._latest == step and self._error is None:
-            try:
-                raw = slot.meta_path.read_bytes()
-            except OSError:
-                raw = b""
+            raw = slot.committed_json() or b""  # b"": being rewritten, skip the round
         # Every rank sends, or none does: the rounds whose copies went everywhere are then the
         # same on every rank, and each rank keeps its own snapshot of the newest two (pinned).
         agreed = torch.tensor([1 if raw else 0])
@@ -170,7 +167,7 @@ def fetch(ctx: Context,
     got = None
     for sender, receiver, slot in transfers:
         if ctx.rank == sender and slot is not None:
-            raw = slot.meta_path.read_bytes()
+            raw = slot.committed_json() or b""  # agreed complete: not rewritten while loading
             meta = SlotMeta.from_bytes(raw)
             data = slot.mapped(meta.size)
             head = torch.tensor([len(raw), meta.size])

@@ -10,7 +10,10 @@ Most loops never touch those two generators, so :class:`RngCache` checks whether
   never used if they differ). Unchanged key and position with no cached Gaussian at the last
   capture means an unchanged state: drawing anything moves the key, except a normal draw that
   returns the cached second value of a pair, and that needs a cached value.
-* ``random``: ``getstate()`` is cheap; its tuple is compared with the last one.
+* ``random``: ``getstate()`` builds a tuple of 625 ints (tens of microseconds), so the
+  generator's key and position are read straight from the object instead (CPython keeps them
+  right after the object header; checked once against ``getstate``, and never used if they
+  differ), with ``getstate()`` only when they moved or are not readable.
 
 What :meth:`RngCache.capture` returns has ``capture_rng``'s layout (``restore_rng`` takes it).
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import random
+import sys
 from typing import Any
 
 import numpy as np
@@ -28,6 +32,8 @@ from distrain.ckpt.state import capture_rng
 
 _MT_WORDS = 624
 _MT_BYTES = _MT_WORDS * 4 + 4  # uint32 key[624]; int pos
+_PY_OFFSET = 16  # CPython's RandomObject: the object header (refcount, type), int index, key[624]
+_GLOBAL: random.Random = random.random.__self__  # type: ignore[attr-defined]  # behind the module functions
 
 
 class RngCache:
@@ -37,18 +43,19 @@ class RngCache:
         self._numpy: dict[str, Any] | None = None
         self._numpy_raw: bytes | None = None
         self._python: dict[str, Any] | None = None
-        self._python_raw: tuple[int, ...] | None = None
+        self._python_raw: bytes | None = None
         self._address = _state_address()
+        self._python_address = _python_address()
 
     def capture(self) -> dict[str, Any]:
         state = capture_rng() if self._numpy is None or self._python is None else None
         if state is not None:  # the first time: all of it, the reference for later
             self._numpy, self._python = state["numpy"], state["python"]
             self._numpy_raw = self._read_numpy()
-            self._python_raw = random.getstate()[1]
+            self._python_raw = self._read_python()
             return state
         cuda: list[torch.Tensor] = []
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if torch.cuda.is_initialized():  # cheap, unlike is_available(); False without CUDA
             cuda = list(torch.cuda.get_rng_state_all())
         return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": self._numpy_state(),
                 "python": self._python_state()}
@@ -66,13 +73,19 @@ class RngCache:
             self._numpy, self._numpy_raw = previous, raw
         return previous
 
+    def _read_python(self) -> bytes | None:
+        address = self._python_address
+        return None if address is None else ctypes.string_at(address, _MT_BYTES)
+
     def _python_state(self) -> dict[str, Any]:
-        version, words, gauss = random.getstate()
+        raw = self._read_python()
         previous = self._python
-        if previous is None or words != self._python_raw or gauss != previous["gauss_next"]:
+        gauss = getattr(_GLOBAL, "gauss_next", None)
+        if raw is None or raw != self._python_raw or previous is None or gauss != previous["gauss_next"]:
+            version, words, gauss = random.getstate()
             previous = {"version": int(version), "state": torch.tensor(words, dtype=torch.int64),
                         "gauss_next": gauss}
-            self._python, self._python_raw = previous, words
+            self._python, self._python_raw = previous, raw
         return previous
 
 
@@ -88,3 +101,21 @@ def _state_address() -> int | None:
     words = np.frombuffer(raw[: _MT_WORDS * 4], dtype=np.uint32)
     position = int.from_bytes(raw[_MT_WORDS * 4:], "little", signed=True)
     return address if np.array_equal(words, keys) and position == int(pos) else None
+
+
+def _python_address() -> int | None:
+    """Where the ``random`` module's generator keeps position and key, if it checks out
+    (CPython only: elsewhere ``id`` is no address, and the check fails)."""
+    base = type(_GLOBAL).__base__
+    if sys.implementation.name != "cpython" or getattr(base, "__basicsize__", 0) < _PY_OFFSET + _MT_BYTES:
+        return None  # not that layout: reading there would not be safe
+    try:
+        address = id(_GLOBAL) + _PY_OFFSET
+        raw = ctypes.string_at(address, _MT_BYTES)
+        words = random.getstate()[1]
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+    position = int.from_bytes(raw[:4], "little", signed=True)
+    key = np.frombuffer(raw[4:], dtype=np.uint32)
+    same = len(words) == _MT_WORDS + 1 and position == words[-1] and np.array_equal(key, words[:-1])
+    return address if same else None

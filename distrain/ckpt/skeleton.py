@@ -36,7 +36,14 @@ def encode(value: Any, tensors: list[torch.Tensor]) -> Any:
         pairs = []
         for key, item in value.items():
             pairs.append(key if type(key) in _SCALARS else encode(key, tensors))
-            pairs.append(item if type(item) in _SCALARS else encode(item, tensors))
+            inner = type(item)
+            if inner in _SCALARS:
+                pairs.append(item)
+            elif inner in _TENSORS:  # inline: most values of a state dict are tensors
+                tensors.append(item)
+                pairs.append(["T", len(tensors) - 1])
+            else:
+                pairs.append(encode(item, tensors))
         return ["d" if kind is dict else "o", pairs]
     if kind in _TENSORS:
         tensors.append(value)

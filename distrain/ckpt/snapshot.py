@@ -145,7 +145,7 @@ class Snapshots:
         if self._size <= INLINE_BYTES:
             _copy(views, tensors)
             self._finish(slot, meta, data, [])
-            self.wait()
+            self.wait()  # raises what _finish met
             return
         guarded = _optimizer_tensors(objects, local_tensor if sharded else None)
         later = []
@@ -186,7 +186,8 @@ class Snapshots:
     def _finish(self, slot: Slot, meta: SlotMeta, data: torch.Tensor,
                 later: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         try:
-            _copy([view for view, _ in later], [tensor for _, tensor in later])
+            if later:
+                _copy([view for view, _ in later], [tensor for _, tensor in later])
             meta.digest = digest(data)
             if self._table is None:
                 self._table = meta.table()
@@ -405,11 +406,11 @@ class Snapshots:
 def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     """``targets[i].copy_(sources[i])`` for all i, in one call where torch has one."""
     with torch.no_grad():
-        if targets and all(s.device == t.device for s, t in zip(sources, targets)):
+        try:  # one call; not checked per tensor first: it runs after every step
             torch._foreach_copy_(targets, sources)
-            return
-        for target, source in zip(targets, sources):
-            target.copy_(source)
+        except RuntimeError:  # e.g. tensors on several devices: one by one (a copy is idempotent)
+            for target, source in zip(targets, sources):
+                target.copy_(source)
 
 
 def _optimizer_tensors(objects: dict[str, Any],

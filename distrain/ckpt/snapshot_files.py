@@ -1,19 +1,27 @@
 """The files of an in-memory snapshot: one preallocated data file and one meta file per slot.
 
-A slot is ``slot-<i>.bin`` (every tensor of the state, back to back, 64-byte aligned, written
-through a shared memory mapping) and ``slot-<i>.meta`` (JSON: the state's structure as
+A slot is ``slot-<i>.bin`` (every tensor of the state, back to back, 64-byte aligned) and
+``slot-<i>.meta`` (a 32-byte header, then JSON: the state's structure as
 :mod:`distrain.ckpt.skeleton` encodes it, each tensor's dtype, shape and offset, the step and an
-xxh3-64 digest of the data). The meta file is removed before the data is overwritten and put
-back with an atomic rename after it is complete, so a slot that has a meta file holds a complete
-state, whatever instant the writer was killed at; the digest catches anything else. JSON, not
-``torch.save``: writing it after every step must cost microseconds, and reading it runs no pickle.
+xxh3-64 digest of the data). Both files are preallocated and written through shared memory
+mappings, so taking a snapshot of a small state makes no system call at all.
+
+The header's commit word is what makes a slot complete: it is zeroed before the data is
+overwritten and, once data and JSON are in place, set by one 8-byte store to a digest of the
+JSON (never 0). A slot whose commit word matches its JSON holds a complete state, whatever
+instant the writer was killed at (a store cut short cannot match: the word was 0, and a prefix
+of the digest equals the digest only once the rest is already in place); the data's own digest
+catches anything else. JSON, not ``torch.save``: it is written after every step, and reading it
+runs no pickle.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,14 +32,19 @@ import xxhash
 from distrain.ckpt.skeleton import dtype_name, dtype_named
 
 ALIGN = 64
-FORMAT = 1
+FORMAT = 2
+MAGIC = b"dsnapm02"
+#: The meta file's header: magic, commit word (0: not complete), JSON length, unused.
+HEADER = struct.Struct("<8sQQQ")
+_COMMIT_AT = 8
+_PAGE = 4096
 
 Spec = tuple[torch.dtype, tuple[int, ...]]  # a tensor's dtype and shape
 
 
 def specs_of(tensors: list[torch.Tensor]) -> tuple[Spec, ...]:
     """What the slot layout depends on: every tensor's dtype and shape, in order."""
-    return tuple((t.dtype, tuple(t.shape)) for t in tensors)
+    return tuple([(t.dtype, t.shape) for t in tensors])  # torch.Size: a tuple already
 
 
 def layout(specs: tuple[Spec, ...]) -> tuple[list[int], int]:
@@ -64,10 +77,10 @@ class SlotMeta:
 
     def to_bytes(self, table: str | None = None) -> bytes:
         """The meta file's bytes; ``table``: :meth:`table` of these specs and offsets, if kept."""
-        head = json.dumps({"format": FORMAT, "step": self.step, "world_size": self.world_size,
-                           "rank": self.rank, "size": self.size, "digest": self.digest})
-        skeleton = json.dumps(self.skeleton, separators=(",", ":"))
-        return f'{head[:-1]}, "tensors": {table or self.table()}, "skeleton": {skeleton}}}'.encode()
+        skeleton = json.dumps(self.skeleton)  # the default encoder is cached: faster than compact
+        head = (f'{{"format":{FORMAT},"step":{int(self.step)},"world_size":{int(self.world_size)},'
+                f'"rank":{int(self.rank)},"size":{int(self.size)},"digest":{int(self.digest)}')
+        return f'{head},"tensors":{table or self.table()},"skeleton":{skeleton}}}'.encode()
 
     def table(self) -> str:
         """The tensors' dtypes, shapes and offsets as JSON (the same after every step)."""
@@ -103,16 +116,20 @@ def pick(slots: list[Slot]) -> Slot:
     return slots[min(range(len(slots)), key=lambda i: (steps[i] is not None, steps[i] or 0))]
 
 
+def _commit_word(raw: bytes) -> int:
+    """The commit word of a meta file holding the JSON ``raw``: its digest, never 0."""
+    return xxhash.xxh3_64_intdigest(raw, seed=len(raw)) | 1
+
+
 class Slot:
-    """One slot of a rank's snapshot ring: a data file mapped into memory and its meta file."""
+    """One slot of a rank's snapshot ring: its data file and its meta file, both mapped."""
 
     def __init__(self, directory: Path, index: int) -> None:
         self.data_path = directory / f"slot-{index}.bin"
         self.meta_path = directory / f"slot-{index}.meta"
-        self._meta = str(self.meta_path)  # str paths: this runs after every step
-        self._temp = str(directory / f".slot-{index}.meta.tmp")
         self._data: torch.Tensor | None = None
         self._views: tuple[Any, list[torch.Tensor]] | None = None
+        self._meta_map: mmap.mmap | None = None  # the meta file, mapped once written by us
 
     def allocate(self, size: int) -> torch.Tensor:
         """The data file, ``size`` bytes reserved up front (tmpfs would SIGBUS on a write past
@@ -126,12 +143,7 @@ class Slot:
         # copy) keeps its mapping of the old file, which shrinking in place would SIGBUS.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.data_path)
-        fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            os.posix_fallocate(fd, 0, size)
-        finally:
-            os.close(fd)
+        _reserve(self.data_path, size)
         self._data = torch.from_file(str(self.data_path), shared=True, size=size, dtype=torch.uint8)
         return self._data
 
@@ -147,29 +159,71 @@ class Slot:
         return views
 
     def invalidate(self) -> None:
+        """Mark the slot incomplete (before its data is overwritten): one store when mapped."""
+        if self._meta_map is not None:
+            struct.pack_into("<Q", self._meta_map, _COMMIT_AT, 0)
+            return
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._meta)
+            os.unlink(self.meta_path)
 
     def commit(self, meta: SlotMeta, table: str | None = None) -> None:
         self.commit_raw(meta.to_bytes(table))
 
     def commit_raw(self, raw: bytes) -> None:
-        """Publish the meta file ``raw`` (the data is complete): an atomic rename."""
-        fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        """Publish the meta JSON ``raw`` (the data is complete): the JSON and its length first,
+        the commit word last."""
+        need = HEADER.size + len(raw)
+        mapped = self._meta_map
+        if mapped is None or len(mapped) < need:
+            mapped = self._map_meta(need)
+        else:
+            struct.pack_into("<Q", mapped, _COMMIT_AT, 0)
+        mapped[HEADER.size:need] = raw
+        struct.pack_into("<Q", mapped, 16, len(raw))
+        struct.pack_into("<Q", mapped, _COMMIT_AT, _commit_word(raw))
+
+    def _map_meta(self, need: int) -> mmap.mmap:
+        """A new meta file with room for ``need`` bytes and some growth, mapped; not committed.
+        A new file, not the old one resized: a reader may still hold the old one."""
+        if self._meta_map is not None:
+            struct.pack_into("<Q", self._meta_map, _COMMIT_AT, 0)
+            self._meta_map.close()
+            self._meta_map = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.meta_path)
+        size = -(-2 * need // _PAGE) * _PAGE  # room for the JSON to grow (step numbers, lengths)
+        fd = _reserve(self.meta_path, size, keep_open=True)
         try:
-            os.write(fd, raw)
+            mapped = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        os.replace(self._temp, self._meta)
+        HEADER.pack_into(mapped, 0, MAGIC, 0, 0, 0)
+        self._meta_map = mapped
+        return mapped
+
+    def committed_json(self) -> bytes | None:
+        """The meta JSON of a committed slot (what :meth:`commit_raw` takes), or None."""
+        try:
+            raw = self.meta_path.read_bytes()
+            magic, word, length, _ = HEADER.unpack_from(raw, 0)
+        except (OSError, struct.error):
+            return None
+        body = raw[HEADER.size:HEADER.size + length]
+        if magic != MAGIC or word == 0 or len(body) != length or _commit_word(body) != word:
+            return None
+        return body
 
     def read_meta(self) -> SlotMeta | None:
         """The meta of a complete slot, or None (never written, being written, or damaged)."""
+        body = self.committed_json()
+        if body is None:
+            return None
         try:
-            meta = SlotMeta.from_bytes(self.meta_path.read_bytes())
+            meta = SlotMeta.from_bytes(body)
             if self.data_path.stat().st_size != meta.size:
                 return None
             return meta
-        except (OSError, TypeError, KeyError, ValueError, IndexError, AttributeError):
+        except (OSError, TypeError, KeyError, ValueError, IndexError, AttributeError, struct.error):
             return None
 
     def mapped(self, size: int) -> torch.Tensor:
@@ -188,3 +242,19 @@ class Slot:
         """Private copies of the slot's tensors, or None if the data does not match its digest."""
         data = self._mapped(meta)
         return None if data is None else [view.clone() for view in self.views(meta, data)]
+
+
+def _reserve(path: Path, size: int, *, keep_open: bool = False) -> int:
+    """Create ``path`` with ``size`` bytes reserved (ENOSPC now, not SIGBUS later); returns
+    the open descriptor when ``keep_open`` (else -1)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    if keep_open:
+        return fd
+    os.close(fd)
+    return -1

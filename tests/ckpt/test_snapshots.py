@@ -31,7 +31,7 @@ from distrain.ckpt import Checkpointer, CheckpointError
 from distrain.ckpt.rng_cache import RngCache
 from distrain.ckpt.skeleton import decode, encode, encode_state
 from distrain.ckpt.snapshot import Snapshots, run_dir
-from distrain.ckpt.snapshot_files import Slot
+from distrain.ckpt.snapshot_files import HEADER, Slot, SlotMeta, digest
 from distrain.ckpt.state import capture_rng
 from distrain.errors import ConfigError
 from tests.helpers import ABORT_LINE, REPO, distrain
@@ -170,10 +170,42 @@ def test_rng_states_reused_only_while_unchanged() -> None:
     random.seed(5)
     draws = [lambda: None, lambda: np.random.normal(), lambda: np.random.normal(),
              lambda: np.random.randint(9), lambda: random.gauss(0, 1), lambda: random.gauss(0, 1),
-             lambda: random.random(), lambda: torch.rand(1)]
+             lambda: random.random(), lambda: torch.rand(1), lambda: random.seed(7),
+             lambda: random.setstate(random.getstate()), lambda: random.getrandbits(70)]
     for draw in draws * 2:
         draw()
         assert _equal(cache.capture(), capture_rng())
+
+
+def test_a_slot_is_complete_only_while_its_commit_word_matches_its_meta(tmp_path: Path) -> None:
+    slot = Slot(tmp_path, 0)
+    data = slot.allocate(128)
+    data.fill_(7)
+    meta = SlotMeta(step=3, world_size=1, rank=0, size=128, digest=digest(data), specs=(), offsets=[],
+                    skeleton=["l", [1.5]])
+    slot.commit(meta)
+    reader = Slot(tmp_path, 0)  # as another process sees the files
+    found = reader.read_meta()
+    assert found is not None and (found.step, found.digest, found.skeleton) == (3, meta.digest, ["l", [1.5]])
+    slot.invalidate()  # one store into the mapping: the file stays, the slot is incomplete
+    assert slot.meta_path.exists() and reader.read_meta() is None
+    slot.commit(meta)
+    word = HEADER.size - 24  # the commit word's offset
+    with open(slot.meta_path, "r+b", buffering=0) as file:
+        whole = file.read()
+        file.seek(word)
+        file.write(bytes(4))  # the first half of the word zeroed: as a store cut short leaves it
+    assert reader.read_meta() is None
+    with open(slot.meta_path, "r+b", buffering=0) as file:
+        file.write(whole)
+        assert reader.read_meta() is not None
+        file.seek(HEADER.size + 5)
+        file.write(b"9" if whole[HEADER.size + 5:HEADER.size + 6] != b"9" else b"8")  # a flipped JSON byte
+    assert reader.read_meta() is None
+    meta.skeleton = ["l", list(range(5000))]  # outgrows the mapped meta file: a larger one replaces it
+    slot.commit(meta)
+    found = reader.read_meta()
+    assert found is not None and found.skeleton == ["l", list(range(5000))]
 
 
 def _snapshot_forever(root: Path, ready: int) -> None:
