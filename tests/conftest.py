@@ -73,7 +73,8 @@ _OWN_NAMESPACES = ("test_ray_nodes.py",)
 # The longest groups first (CI's durations): a long group that starts last sets the suite's end.
 _LONGEST_FIRST = ("ray", "test_launch_local.py", "slurm", "test_fault_trials.py", "test_ray_nodes.py",
                   "test_nodes_elastic.py", "test_sharded_resume.py", "test_ckpt_s3_faults.py",
-                  "test_hangs.py", "test_teardown.py", "test_nodes_digits.py", "test_snapshots.py")
+                  "test_hangs.py", "test_snapshots.py", "test_nodes_snapshots.py", "test_teardown.py",
+                  "test_nodes_digits.py")
 
 
 def group_of(nodeid: str) -> str:

@@ -14,7 +14,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import time
 from collections import OrderedDict
@@ -34,7 +33,7 @@ from distrain.ckpt.snapshot import Snapshots, run_dir
 from distrain.ckpt.snapshot_files import HEADER, Slot, SlotMeta, digest
 from distrain.ckpt.state import capture_rng
 from distrain.errors import ConfigError
-from tests.helpers import ABORT_LINE, REPO, distrain
+from tests.helpers import ABORT_LINE, REPO, distrain, kill_forked_at
 from tests.helpers.ckpt import CTX
 
 SCRIPT = str(REPO / "bench" / "workers" / "fault_train.py")
@@ -231,22 +230,8 @@ def test_sigkill_in_the_middle_of_a_copy_leaves_the_previous_snapshot_complete(s
     rng = random.Random(20261130)
     interrupted, newest = 0, 0
     for trial in range(10):
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(read_end)
-                _snapshot_forever(shm_clean, write_end)
-            finally:
-                os._exit(1)
-        os.close(write_end)
-        try:
-            assert os.read(read_end, 1) == b"r", f"trial {trial}: the writer did not start"
-            time.sleep(rng.uniform(0.0, 0.2))  # fault injection: a random instant of the loop
-        finally:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            os.close(read_end)
+        kill_forked_at(lambda ready: _snapshot_forever(shm_clean, ready), rng.uniform(0.0, 0.2),
+                       f"trial {trial}")
         snapshots = Snapshots(shm_clean, CTX, 1)
         slots = [Slot(snapshots.rank_dir, i) for i in range(3)]
         interrupted += sum(s.data_path.exists() and s.read_meta() is None for s in slots)
