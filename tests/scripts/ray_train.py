@@ -73,7 +73,8 @@ for step in range(start + 1, args.steps + 1):
     mean_loss = ddp.all_reduce_mean(float(loss.detach()))
     ddp.print0(f"step {step} loss {mean_loss:.4f}")
     if ckpt is not None:
-        ckpt.snapshot(step, model=model, optimizer=optimizer, loader=loader)  # if snapshot_every
+        if args.snapshot_every:
+            ckpt.snapshot(step, model=model, optimizer=optimizer, loader=loader)
         if step % args.save_every == 0:
             ckpt.save(step, model=model, optimizer=optimizer, loader=loader)
     if attempt == 0 and step == args.die_at and ctx.rank == args.die_rank:
