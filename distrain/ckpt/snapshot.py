@@ -50,7 +50,7 @@ from distrain.ckpt.convert import Pairing, is_fsdp, pair
 from distrain.ckpt.rng_cache import RngCache
 from distrain.ckpt.skeleton import decode, encode, encode_state
 from distrain.ckpt.snapshot_dirs import base_dir, identity, remove, root_id, run_dir, sweep
-from distrain.ckpt.snapshot_files import Slot, SlotMeta, Spec, digest, layout, specs_of, tensor_views
+from distrain.ckpt.snapshot_files import Slot, SlotMeta, Spec, digest, layout, specs_of, verified_copies
 from distrain.ckpt.snapshot_plan import Held, Source, choose
 from distrain.ckpt.snapshot_shards import local_states, local_tensor, restore_local
 from distrain.ckpt.state import restore_object, restore_rank_rng, state_of
@@ -317,8 +317,7 @@ class Snapshots:
         meta: SlotMeta | None
         if source.remote and received is not None:
             meta, data = received
-            # Private tensors, as Slot.read gives: a view into the received bytes is no parameter
-            tensors = [v.clone() for v in tensor_views(meta, data)] if digest(data) == meta.digest else None
+            tensors = verified_copies(meta, data)
         else:
             slot = self._slot(source.slot)
             meta = slot.read_meta()

@@ -110,6 +110,14 @@ def tensor_views(meta: SlotMeta, data: torch.Tensor) -> list[torch.Tensor]:
     return views
 
 
+def verified_copies(meta: SlotMeta, data: torch.Tensor) -> list[torch.Tensor] | None:
+    """Private copies of the tensors in the slot bytes ``data`` (a view into them is no
+    parameter), or None if the bytes do not match the digest in ``meta``."""
+    if digest(data) != meta.digest:
+        return None
+    return [view.clone() for view in tensor_views(meta, data)]
+
+
 def pick(slots: list[Slot]) -> Slot:
     """The slot of a ring to overwrite: an empty one, else the one holding the oldest step."""
     steps = [meta.step if meta is not None else None for meta in (s.read_meta() for s in slots)]
@@ -240,8 +248,7 @@ class Slot:
 
     def read(self, meta: SlotMeta) -> list[torch.Tensor] | None:
         """Private copies of the slot's tensors, or None if the data does not match its digest."""
-        data = self._mapped(meta)
-        return None if data is None else [view.clone() for view in self.views(meta, data)]
+        return verified_copies(meta, self.mapped(meta.size))
 
 
 def _reserve(path: Path, size: int, *, keep_open: bool = False) -> int:
