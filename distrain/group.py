@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distrain import stacks
+from distrain.affinity import pin_worker
 from distrain.collectives import first_failure
 from distrain.context import Context, clear_current, recorded, set_current
 from distrain.env import WorkerEnv
@@ -95,6 +96,9 @@ def _timeout(value: float | timedelta | None) -> timedelta | None:
 def init(backend: str = "auto", timeout: float | timedelta | None = None) -> Context:
     """Join the process group the launcher prepared and pin this worker's device. Idempotent.
 
+    A CPU worker under ``distrain launch`` is pinned to its share of the node's cores
+    (``--cpu-affinity``, :mod:`distrain.affinity`).
+
     With no launcher (no ``RANK``/``WORLD_SIZE`` in the environment) this is a world of one and
     no process group is created. The context returned becomes the current one, which every
     other call uses when it is given no ``ctx``.
@@ -118,6 +122,8 @@ def init(backend: str = "auto", timeout: float | timedelta | None = None) -> Con
     device = resolve_device(worker.local_rank, cuda_device_count=torch.cuda.device_count() if cuda else 0)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif worker.launched:  # before the group starts its threads: they inherit the mask
+        pin_worker(worker.local_rank, worker.local_world_size)
     if dist.is_available() and dist.is_initialized():
         return _context(worker, device, str(dist.get_backend()))
     name = resolve_backend(backend, cuda_available=cuda)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from distrain.errors import ConfigError, OneLineParser
 from distrain.launch_config import (
+    CPU_AFFINITY_MODES,
     LAUNCHERS,
     PLACEMENT_STRATEGIES,
     RDZV_BACKENDS,
@@ -49,6 +50,10 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument(*_flag("node_rank"), type=int, default=0,
                       help="this node's rank for static rendezvous (default 0)")
     size.add_argument("--launcher", default="local", help="local (default) or ray")
+    size.add_argument(*_flag("cpu_affinity"), default="auto",
+                      help="auto (default): pin each CPU worker to its own share of this node's "
+                           "cores (local launcher; GPU workers are not pinned); none: leave "
+                           "placement to the OS scheduler, as torchrun does")
 
     rdzv = parser.add_argument_group("rendezvous")
     rdzv.add_argument(*_flag("master_addr"), default="127.0.0.1",
@@ -153,7 +158,7 @@ def parse_launch_args(argv: Sequence[str], *, environ: Mapping[str, str] | None 
 # almost surely meant for the launcher.
 LAUNCHER_ONLY = ("nnodes", "nproc_per_node", "node_rank", "master_addr", "master_port", "rdzv_backend",
                  "rdzv_endpoint", "rdzv_id", "rdzv_conf", "standalone", "max_restarts", "start_method",
-                 "launcher", "monitor_interval", "term_timeout")
+                 "cpu_affinity", "launcher", "monitor_interval", "term_timeout")
 
 
 def misplaced_launcher_options(script_args: Sequence[str]) -> list[str]:
@@ -376,6 +381,11 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         raise ConfigError(
             "--start-method", args.start_method, "|".join(START_METHODS), "use --start-method spawn"
         )
+    if args.cpu_affinity not in CPU_AFFINITY_MODES:
+        raise ConfigError(
+            "--cpu-affinity", args.cpu_affinity, " or ".join(CPU_AFFINITY_MODES),
+            "use --cpu-affinity none to leave placement to the scheduler",
+        )
     if not 0 <= args.node_rank < max_nodes:
         raise ConfigError(
             "--node-rank", args.node_rank, f"0 .. {max_nodes - 1} (--nnodes {args.nnodes})",
@@ -454,6 +464,7 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         max_restarts=args.max_restarts,
         monitor_interval=args.monitor_interval,
         start_method=args.start_method,
+        cpu_affinity=args.cpu_affinity,
         preload=tuple(name.strip() for name in args.preload.split(",") if name.strip()),
         role=args.role,
         log_dir=args.log_dir,

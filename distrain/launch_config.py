@@ -14,6 +14,7 @@ __all__ = ["DEFAULT_HANG_TIMEOUT", "LAUNCHERS", "LaunchConfig", "RayOptions"]
 LAUNCHERS = ("local", "ray")
 RDZV_BACKENDS = ("static", "c10d")
 START_METHODS = ("spawn", "fork", "forkserver")
+CPU_AFFINITY_MODES = ("auto", "none")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DEFAULT_HANG_TIMEOUT = 600.0
 
@@ -45,6 +46,8 @@ class LaunchConfig:
         min_nodes: Fewest nodes (elastic with c10d rendezvous).
         max_nodes: Most nodes; ``world_size`` is ``max_nodes * nproc_per_node``.
         nproc_per_node: Workers per node.
+        cpu_affinity: ``"auto"``: each CPU worker of a node is pinned to a disjoint share of
+            the launcher's CPUs (:mod:`distrain.affinity`); ``"none"``: the scheduler places them.
         max_restarts: How often the whole group is restarted after a failure.
         hang_timeout: Seconds without progress on any rank before the hang watch stops the
             group; 0 turns it off.
@@ -70,6 +73,7 @@ class LaunchConfig:
     max_restarts: int = 0
     monitor_interval: float = 0.1
     start_method: str = "forkserver"
+    cpu_affinity: str = "auto"
     preload: tuple[str, ...] = ("auto",)
     role: str = "default"
     log_dir: str | None = None

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from distrain.affinity import AFFINITY_ENV, launcher_cpus
 from distrain.env import default_omp_num_threads, scoped_environ
 from distrain.launchers.base import Launcher
 from distrain.launchers.node_watch import watching_nodes
@@ -108,6 +109,8 @@ def launch_environ(config: LaunchConfig) -> dict[str, str]:
     """Variables the launch sets in its own environment (the agent and workers read them).
 
     * ``OMP_NUM_THREADS=1`` when unset and several workers per node (torchrun's rule).
+    * ``DISTRAIN_CPU_AFFINITY``: the CPUs the node's workers share out (``--cpu-affinity auto``);
+      empty with ``none``, so that a launch inside a worker does not inherit its parent's list.
     * With ``--max-restarts``: ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``. By default the agent's
       c10d store is shared with the workers and survives a restart, stale keys included, so a
       restarted ``init_process_group`` finds the dead group's gloo addresses and fails
@@ -120,6 +123,7 @@ def launch_environ(config: LaunchConfig) -> dict[str, str]:
     threads = default_omp_num_threads(config.nproc_per_node)
     if threads is not None:
         changes["OMP_NUM_THREADS"] = threads
+    changes[AFFINITY_ENV] = launcher_cpus() if config.cpu_affinity == "auto" else ""
     if config.max_restarts > 0:
         changes.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     return changes

@@ -98,7 +98,10 @@ def run_script(script: str, args: Sequence[str], module: bool) -> None:
             namespace = runpy.run_path(script, run_name="__main__")
     except SystemExit as exit_request:
         _finish()
-        raise SystemExit(_exit_code(exit_request.code)) from None
+        code = _exit_code(exit_request.code)
+        if code == 0:  # elastic turns exit 0 into a return, which waits for the agent (see below)
+            _leave_if_stopped(stop_signals)
+        raise SystemExit(code) from None
     except BaseException as error:
         stacks.on_error(error)  # a collective timeout: the launcher names who never arrived
         _print_traceback(error)
@@ -167,7 +170,8 @@ def _forget_wakeup_fd() -> None:
 
 
 def _leave_if_stopped(read_end: int) -> None:
-    """Exit now (128 + signal) if the script handled SIGTERM/SIGINT and then returned normally.
+    """Exit now (128 + signal) if the script handled SIGTERM/SIGINT and then returned normally
+    (or called ``sys.exit(0)``, which torch's ``record`` wrapper turns into a return).
 
     The launcher sends SIGTERM only when it stops the group (a preemption, a failed peer). Its
     agent then waits for the workers to exit, while a function-entrypoint worker that returns

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from distrain.affinity import AFFINITY_ENV, parse_cpus
 from distrain.launchers.watchdog import WATCH_ENV_KEYS
 from tests.helpers import (
     PYTHON,
@@ -69,8 +70,9 @@ def test_environment_matches_real_torchrun(tmp_path: Path) -> None:
     assert sorted(runs["torchrun"]) == sorted(runs["distrain"]) == [0, 1]
     for rank in (0, 1):
         ours, theirs = runs["distrain"][rank], runs["torchrun"][rank]
-        assert set(ours) >= WATCH_ENV_KEYS
-        ours = {key: value for key, value in ours.items() if key not in WATCH_ENV_KEYS}
+        assert set(ours) >= WATCH_ENV_KEYS | {AFFINITY_ENV}  # ours alone: the hang watch, the CPUs
+        assert parse_cpus(ours[AFFINITY_ENV]) == os.sched_getaffinity(0)
+        ours = {key: value for key, value in ours.items() if key not in WATCH_ENV_KEYS | {AFFINITY_ENV}}
         assert set(ours) == set(theirs), f"rank {rank}: keys differ: {set(ours) ^ set(theirs)}"
         for key in set(theirs) - VOLATILE:
             assert ours[key] == theirs[key], f"rank {rank} {key}: {ours[key]!r} != {theirs[key]!r}"
@@ -213,8 +215,9 @@ def _start_and_signal(tmp_path: Path, mode: str, sig: signal.Signals, *extra: st
 @both_start_methods
 @pytest.mark.timeout(120)
 def test_sigterm_reaches_the_workers_so_they_can_save(tmp_path: Path) -> None:
-    code, output, _ = _start_and_signal(tmp_path, "sigterm", signal.SIGTERM)
+    code, output, took = _start_and_signal(tmp_path, "sigterm", signal.SIGTERM)
     assert code == 143, output
+    assert took < 20, f"the workers exited in their handler, yet the launcher waited {took:.1f} s"
     assert all((tmp_path / f"got-sigterm-{r}").read_text() == "saved" for r in (0, 1))
     assert_workers_gone(tmp_path)
 
