@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -54,6 +55,9 @@ def main(argv: Sequence[str] = ()) -> int:
         print(f"distrain requeue: job {decision.job_id} not requeued: it already restarted "
               f"{decision.restarts} times (--max {decision.max_requeues})", file=sys.stderr, flush=True)
         return EXIT_NOT_REQUEUED
+    # SLURM ends the job's processes (this one too) with SIGTERM as soon as the requeue is
+    # accepted: ignore it long enough to report the requeue and exit on our own.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     result = subprocess.run(["scontrol", "requeue", decision.job_id], capture_output=True, text=True,
                             check=False)
     if result.returncode != 0:

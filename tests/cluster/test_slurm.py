@@ -18,6 +18,7 @@ from tests.helpers import REPO, assert_ok, distrain
 from tests.helpers.slurm_cluster import SlurmCluster, slurm_cluster, slurm_unavailable
 
 C10D = REPO / "cluster" / "slurm-c10d.sbatch"
+KILL_WAIT = 30  # the cluster's KillWait: a process that ignores SIGTERM holds a job this long
 TRAIN = REPO / "tests" / "scripts" / "slurm_train.py"
 CPU_NODE = ("--nodes=1", "--gpus-per-node=0", f"--cpus-per-task={os.cpu_count()}")
 
@@ -88,9 +89,12 @@ def _preempt(cluster: SlurmCluster, run: Path, max_requeues: int, scancel: list[
                                           "MAX_REQUEUES": str(max_requeues)})
     _wait_files([run / "gate-rank0", run / "gate-rank1"], cluster, job_id)
     cluster.run("scancel", *scancel, job_id)
-    deadline = time.monotonic() + 240
+    signalled = time.monotonic()
+    deadline = signalled + 240
     while True:  # a requeued job goes back to PENDING and runs again under the same id
         info = cluster.job(job_id)
+        if info["JobState"] == "PENDING":  # requeued: no process of the attempt outlived it
+            assert time.monotonic() - signalled < KILL_WAIT, f"job {job_id} sat in COMPLETING"
         if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED") and \
                 int(info.get("Restarts", "0")) >= min(max_requeues, 1):
             break

@@ -158,6 +158,9 @@ def _conf(root: Path, nodes: Sequence[SlurmNode], controller: str, controller_ad
         "SelectTypeParameters=CR_Core",
         "ReturnToService=2",
         "JobRequeue=1",
+        # the main scheduling pass runs every 60 s by default: a requeued job whose begin time
+        # has come waits for it (nothing else wakes the scheduler)
+        "SchedulerParameters=sched_interval=2",
         "KillWait=30",
         f"StateSaveLocation={root}/state",
         f"SlurmdSpoolDir={spool or root / 'spool'}/%n",
