@@ -76,7 +76,7 @@ def sections(plan: Plan) -> dict[str, Callable[[], Any]]:
         "startup": lambda: startup.run_bench(plan.reps, sizes=plan.sizes),
         "ray": lambda: startup_ray.run_bench(plan.reps),
         "ckpt": lambda: ckpt_stall.run_bench(plan.reps),
-        "ckpt_s3": lambda: ckpt_s3.run_bench(min(plan.reps, 3)),
+        "ckpt_s3": lambda: ckpt_s3.run_bench(plan.reps),
         "faults": lambda: fault_trials.run(plan.fault_trials),
         "snapshots": lambda: snapshots.run_bench(pairs=6 if plan.fault_trials < 20 else 20,
                                                  reps=1 if plan.fault_trials < 20 else 3,

@@ -4,7 +4,9 @@ A worker that trains on the CPU is pinned to its device the way a GPU worker is:
 names the node's CPUs (its own affinity mask, so ``taskset`` and SLURM's cgroups are honoured)
 in :data:`AFFINITY_ENV`, and each local rank takes a disjoint, contiguous share of whole cores
 (hyperthread siblings stay together) in :func:`distrain.ddp.init`, before the process group
-starts its threads. Left to the scheduler, ranks migrate between cores and now and then share
+starts its threads; distrain's own background threads (async checkpoint writes, snapshot
+copies, buddy sends) may still use every core of the node, at low priority. Left to the
+scheduler, ranks migrate between cores and now and then share
 one; pinned, they keep their caches and step at a steadier pace (docs/performance.md).
 
 Nothing is pinned with fewer CPUs than local ranks, with one rank per node, on a GPU, outside
@@ -98,6 +100,18 @@ def pin_worker(local_rank: int, local_world_size: int,
         with contextlib.suppress(OSError):  # a thread that just ended, or a CPU taken offline
             os.sched_setaffinity(int(task), mine)
     return mine
+
+
+def unpin_this_thread(environ: Mapping[str, str] | None = None) -> None:
+    """Let the calling thread run on any of the node's CPUs again (those in :data:`AFFINITY_ENV`):
+    for distrain's own background threads (checkpoint writes, snapshot copies, buddy sends),
+    which run at low priority in the gaps training leaves on every core, not only on their
+    rank's. A no-op where :func:`pin_worker` pinned nothing."""
+    text = (os.environ if environ is None else environ).get(AFFINITY_ENV, "")
+    if not text or not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(ValueError, OSError):
+        os.sched_setaffinity(0, parse_cpus(text))
 
 
 def launcher_cpus() -> str:

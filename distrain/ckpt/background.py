@@ -30,6 +30,7 @@ import sys
 import threading
 from collections.abc import Callable
 
+from distrain.affinity import unpin_this_thread
 from distrain.ckpt.store import CheckpointError
 
 LOW_NICE = 19
@@ -90,6 +91,7 @@ class BackgroundWriter:
         self._thread.start()
 
     def _run(self, job: Callable[[], None]) -> None:
+        unpin_this_thread()  # any core of the node, not only this rank's (distrain.affinity)
         if self.nice is not None:
             lower_priority(self.nice)
         try:

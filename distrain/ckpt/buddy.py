@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.distributed as dist
 
+from distrain.affinity import unpin_this_thread
 from distrain.ckpt.snapshot_files import Slot, SlotMeta, pick
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class BuddyLink:
         self._jobs.put((slot, data, step))
 
     def _serve(self) -> None:
+        unpin_this_thread()  # any core of the node, not only this rank's (distrain.affinity)
         while True:
             job = self._jobs.get()
             if job is None:

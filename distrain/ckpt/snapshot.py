@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from distrain.affinity import unpin_this_thread
 from distrain.ckpt.buddy import HELD, BuddyLink, fetch
 from distrain.ckpt.convert import Pairing, is_fsdp, pair
 from distrain.ckpt.rng_cache import RngCache
@@ -163,6 +164,7 @@ class Snapshots:
         self._jobs.put(functools.partial(self._finish, slot, meta, data, later))
 
     def _serve(self) -> None:
+        unpin_this_thread()  # any core of the node, not only this rank's (distrain.affinity)
         while True:
             job = self._jobs.get()
             try:

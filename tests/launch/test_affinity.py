@@ -89,6 +89,7 @@ def test_each_rank_trains_on_its_own_cores(tmp_path: Path, start_method: str) ->
         assert expected and report["node"] == format_cpus(node)
         # The main thread, a thread started before ddp.init and one started after: all pinned.
         assert report["main"] == report["early"] == report["late"] == expected, report
+        assert report["background"] == node  # a checkpoint writer's thread is not pinned
     assert not set(reports[0]["main"]) & set(reports[1]["main"])
 
 
