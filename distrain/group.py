@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import logging
 import os
 import sys
 import weakref
@@ -146,7 +147,7 @@ def init(backend: str = "auto", timeout: float | timedelta | None = None) -> Con
     if _launcher_prefixes_lines():
         sys.excepthook = own_hook  # torch's hook adds "[rankN]: " to lines the launcher prefixes already
     _groups_formed.add(worker.world_size)
-    atexit.register(cleanup)
+    atexit.register(_cleanup_at_exit)
     return _context(worker, device, name)
 
 
@@ -277,10 +278,27 @@ def _agreed_failure(failed: list[str], *, agree: bool) -> CheckpointError | None
 FINAL_BARRIER_SECONDS = 60.0
 
 
+def _cleanup_at_exit() -> None:
+    """:func:`cleanup` for a script that never called it. Python only prints an exit handler's
+    exception and exits 0, so an asynchronous save that failed would leave a run that looks
+    successful: print the error, flush what the exit handlers still to run would flush, and
+    leave with exit code 1."""
+    try:
+        cleanup()
+    except CheckpointError as error:
+        print(f"distrain: {type(error).__module__}.{type(error).__name__}: {error}", file=sys.stderr)
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(1)
+
+
 def cleanup(*, synchronize: bool | None = None) -> None:
     """Finish pending writes, release DDP/FSDP state, synchronise, destroy the group. Idempotent.
 
-    Also runs at interpreter exit. An asynchronous checkpoint save still in flight (its
+    Also runs at interpreter exit (where a failed save below makes the process exit 1, not the
+    0 Python would give a failing exit handler). An asynchronous checkpoint save still in flight (its
     Checkpointer may be gone) is finished first; if it failed on any rank, every rank raises
     ``CheckpointError`` once the group is torn down. Errors of other pending work
     (``TBLogger.flush``) are printed, not raised.

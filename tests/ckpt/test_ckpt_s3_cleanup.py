@@ -5,6 +5,8 @@ async save of step 2; the script never calls ``wait()``):
 
 * the server goes down at the first upload of the sharded save: ``cleanup()`` alone raises
   ``CheckpointError`` on every rank, and every rank exits non-zero;
+* the same with a script that never calls ``cleanup()``: distrain's exit handler does, and
+  every rank still exits non-zero, naming the error;
 * the server stays up, and rank 1's Checkpointers are garbage-collected before ``cleanup()``
   while rank 0 keeps its own (the case that once hung): both ranks exit 0 in bounded time, and
   step 2 is committed in both roots.
@@ -56,6 +58,24 @@ def test_cleanup_raises_an_async_save_error_on_every_rank(s3: S3Server, tmp_path
         assert any(line.strip() == "ddp.cleanup()" for line in own), text[-4000:]
         assert own and own[-1].startswith("distrain.errors.CheckpointError: "), text[-4000:]
     assert "step-00000002" in text, text[-4000:]
+
+
+@pytest.mark.timeout(300)
+def test_a_script_that_never_calls_cleanup_still_fails_with_its_save(s3: S3Server,  # noqa: F811
+                                                                   tmp_path: Path) -> None:
+    bucket = s3.make_bucket()
+    tripped = s3.stop_at("-sharded/step-00000002/", method="PUT")
+    try:
+        result = launch(spec(bucket, "exit", tmp_path / "out.pt"), tmp_path,
+                        {**s3.env(), "S3_TRAIN_NO_CLEANUP": "1"})
+    finally:
+        s3.restart()
+    text = result.stdout + result.stderr
+    assert tripped.is_set(), text[-4000:]
+    assert result.returncode != 0, text[-4000:]  # Python alone would have exited 0
+    for rank in (0, 1):
+        assert f"[rank{rank}]:distrain: distrain.errors.CheckpointError: " in text, text[-4000:]
+    assert "exitcode 1" in text or "exit code 1" in text, text[-4000:]
 
 
 @pytest.mark.timeout(300)

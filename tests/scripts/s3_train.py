@@ -9,7 +9,8 @@ resumes from ``load`` (if given), trains to ``steps`` saving every ``save_every`
 (an asynchronous upload may be in flight). Rank 0 writes ``{"loaded": step, "weights": ...}``
 to ``out`` with ``torch.save``. With ``"wait": false`` the phase ends without ``wait()``: its
 Checkpointers go out of scope with a save maybe in flight (except on the ranks in ``keep_on``,
-which keep them until the end), and ``ddp.cleanup()`` must finish it.
+which keep them until the end), and ``ddp.cleanup()`` must finish it (with
+``S3_TRAIN_NO_CLEANUP=1`` the script never calls it: the exit handler does).
 Each step draws its batch from the global RNG, so resuming exactly needs the RNG restored too.
 """
 
@@ -38,7 +39,8 @@ def main() -> None:
         if ctx.rank in spec.get("keep_on", []):
             kept.extend(savers)
     gc.collect()  # the other Checkpointers are gone now
-    ddp.cleanup()
+    if os.environ.get("S3_TRAIN_NO_CLEANUP") != "1":  # else: distrain's exit handler runs it
+        ddp.cleanup()
 
 
 def phase(ctx: ddp.Context, spec: dict[str, Any]) -> list[Checkpointer]:
