@@ -40,7 +40,7 @@ from bench.ckpt_stall import build_state, state_bytes, train_segment
 from bench.common import goal_mark, interleave, load_note, median, table
 from distrain import ddp
 from distrain.ckpt import Checkpointer
-from tests.helpers import REPO, free_port
+from tests.helpers import REPO, free_port, wait_for_files
 
 THROUGHPUT_GOAL, STALL_GOAL = 0.9, 0.10
 
@@ -105,13 +105,9 @@ def s3_process(local: Path) -> Iterator[str]:
     """moto's S3 server on a free port of 127.0.0.1, in a process of its own; its URL."""
     ready = local / "s3-ready"
     server = subprocess.Popen([sys.executable, "-m", "tests.helpers.s3server", "--port", str(free_port()),
-                               "--ready", str(ready)], cwd=REPO, stdout=subprocess.DEVNULL)
+                               "--ready", str(ready)], cwd=REPO, stdout=subprocess.DEVNULL, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"moto's S3 server did not start (exit code {server.poll()})")
-            time.sleep(0.05)
+        wait_for_files([ready], server)
         yield ready.read_text().strip()
     finally:
         server.terminate()

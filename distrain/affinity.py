@@ -22,7 +22,6 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 
 AFFINITY_ENV = "DISTRAIN_CPU_AFFINITY"
-AFFINITY_MODES = ("auto", "none")
 _CPU_SYSFS = Path("/sys/devices/system/cpu")
 
 
@@ -80,20 +79,27 @@ def cores_for(local_rank: int, local_world_size: int, cpus: Collection[int],
     return frozenset(cpu for unit in mine for cpu in unit)
 
 
+def _node_cpus(environ: Mapping[str, str] | None) -> frozenset[int] | None:
+    """The node's CPUs the launcher named in :data:`AFFINITY_ENV`; None where nothing is pinned
+    (not set, ``--cpu-affinity none``, not Linux, or malformed: not ours to fail a training run
+    over, the launcher writes this value)."""
+    text = (os.environ if environ is None else environ).get(AFFINITY_ENV, "")
+    if not text or not sys.platform.startswith("linux"):
+        return None
+    try:
+        return parse_cpus(text)
+    except ValueError:
+        return None
+
+
 def pin_worker(local_rank: int, local_world_size: int,
                environ: Mapping[str, str] | None = None) -> frozenset[int] | None:
     """Pin every thread of this process to ``local_rank``'s share of the node's CPUs named in
     :data:`AFFINITY_ENV` (threads started later inherit it). Returns the CPUs, or None when
     nothing was pinned. Idempotent: the share is computed from the launcher's list, not from
     this process's current mask."""
-    text = (os.environ if environ is None else environ).get(AFFINITY_ENV, "")
-    if not text or not sys.platform.startswith("linux"):
-        return None
-    try:
-        node_cpus = parse_cpus(text)
-    except ValueError:
-        return None  # not ours to fail a training run over; the launcher writes this value
-    mine = cores_for(local_rank, local_world_size, node_cpus)
+    node_cpus = _node_cpus(environ)
+    mine = None if node_cpus is None else cores_for(local_rank, local_world_size, node_cpus)
     if mine is None:
         return None
     for task in os.listdir("/proc/self/task"):
@@ -107,11 +113,10 @@ def unpin_this_thread(environ: Mapping[str, str] | None = None) -> None:
     for distrain's own background threads (checkpoint writes, snapshot copies, buddy sends),
     which run at low priority in the gaps training leaves on every core, not only on their
     rank's. A no-op where :func:`pin_worker` pinned nothing."""
-    text = (os.environ if environ is None else environ).get(AFFINITY_ENV, "")
-    if not text or not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(ValueError, OSError):
-        os.sched_setaffinity(0, parse_cpus(text))
+    node_cpus = _node_cpus(environ)
+    if node_cpus is not None:
+        with contextlib.suppress(OSError):  # a CPU taken offline
+            os.sched_setaffinity(0, node_cpus)
 
 
 def launcher_cpus() -> str:
