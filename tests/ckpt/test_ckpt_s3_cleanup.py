@@ -6,7 +6,7 @@ async save of step 2; the script never calls ``wait()``):
 * the server goes down at the first upload of the sharded save: ``cleanup()`` alone raises
   ``CheckpointError`` on every rank, and every rank exits non-zero;
 * the same with a script that never calls ``cleanup()``: distrain's exit handler does, and
-  every rank still exits non-zero, naming the error;
+  the job still fails: a rank exits 1 naming the error;
 * the server stays up, and rank 1's Checkpointers are garbage-collected before ``cleanup()``
   while rank 0 keeps its own (the case that once hung): both ranks exit 0 in bounded time, and
   step 2 is committed in both roots.
@@ -73,8 +73,9 @@ def test_a_script_that_never_calls_cleanup_still_fails_with_its_save(s3: S3Serve
     text = result.stdout + result.stderr
     assert tripped.is_set(), text[-4000:]
     assert result.returncode != 0, text[-4000:]  # Python alone would have exited 0
-    for rank in (0, 1):
-        assert f"[rank{rank}]:distrain: distrain.errors.CheckpointError: " in text, text[-4000:]
+    # The first rank to leave exits 1 naming the error; the launcher then stops the other one,
+    # which may be gone before its own line.
+    assert "]:distrain: distrain.errors.CheckpointError: " in text, text[-4000:]
     assert "exitcode 1" in text or "exit code 1" in text, text[-4000:]
 
 
