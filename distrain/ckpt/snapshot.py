@@ -49,7 +49,7 @@ from distrain.affinity import unpin_this_thread
 from distrain.ckpt.buddy import HELD, BuddyLink, fetch
 from distrain.ckpt.convert import Pairing, is_fsdp, pair
 from distrain.ckpt.rng_cache import RngCache
-from distrain.ckpt.skeleton import decode, encode, encode_state
+from distrain.ckpt.skeleton import JsonMemo, decode, encode, encode_state
 from distrain.ckpt.snapshot_dirs import base_dir, identity, remove, root_id, run_dir, sweep
 from distrain.ckpt.snapshot_files import Slot, SlotMeta, Spec, digest, layout, specs_of, verified_copies
 from distrain.ckpt.snapshot_plan import Held, Source, choose
@@ -96,6 +96,7 @@ class Snapshots:
         self._offsets: list[int] = []
         self._size = 0
         self._table: str | None = None  # the meta file's tensor table for self._specs
+        self._json = JsonMemo()
         self._shards: tuple[Any, list[Any], Pairing | None, set[str]] = ((), [], None, set())
         self._plan: tuple[int, list[Source]] | None = None  # what agree() chose, for restore()
         self.buddy = BuddyLink(ctx, self.dir, SLOTS)
@@ -128,8 +129,9 @@ class Snapshots:
             else:
                 state = state_of(obj, kind)
             states += [name, encode_state(name, state, tensors)]
-        skeleton = ["d", ["objects", ["d", states], "kinds", encode(kinds, tensors),
-                          "rng", encode(self._rng.capture(), tensors)]]
+        encoded_kinds, rng = encode(kinds, tensors), encode(self._rng.capture(), tensors)
+        skeleton = ["d", ["objects", ["d", states], "kinds", encoded_kinds, "rng", rng]]
+        text = _skeleton_json(self._json, states, encoded_kinds, rng)
         specs = specs_of(tensors)
         if specs != self._specs:
             self._specs, (self._offsets, self._size) = specs, layout(specs)
@@ -141,7 +143,8 @@ class Snapshots:
         slot.invalidate()
         data = slot.allocate(self._size)
         meta = SlotMeta(step=step, world_size=self.ctx.world_size, rank=self.ctx.rank, size=self._size,
-                        digest=0, specs=specs, offsets=self._offsets, skeleton=skeleton)
+                        digest=0, specs=specs, offsets=self._offsets, skeleton=skeleton,
+                        skeleton_json=text)
         views = slot.views(meta, data)
         if self._size <= INLINE_BYTES:
             _copy(views, tensors)
@@ -402,6 +405,14 @@ class Snapshots:
                             shutil.rmtree(other, ignore_errors=True)
                 if not any(self.dir.glob("rank-*")):
                     shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _skeleton_json(memo: JsonMemo, states: list[Any], kinds: Any, rng: Any) -> str:
+    """``json.dumps`` of the skeleton ``take`` builds, from pieces that mostly repeat."""
+    pieces = [memo.dumps(("name", states[i]), states[i]) + ", " + memo.dumps(states[i], states[i + 1])
+              for i in range(0, len(states), 2)]
+    return (f'["d", ["objects", ["d", [{", ".join(pieces)}]], '
+            f'"kinds", {memo.dumps(("kinds",), kinds)}, "rng", {memo.dumps(("rng",), rng)}]]')
 
 
 def _copy(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:

@@ -74,10 +74,11 @@ class SlotMeta:
     specs: tuple[Spec, ...]
     offsets: list[int]
     skeleton: Any  # skeleton.encode's output
+    skeleton_json: str | None = None  # json.dumps(skeleton), where the taker rendered it already
 
     def to_bytes(self, table: str | None = None) -> bytes:
         """The meta file's bytes; ``table``: :meth:`table` of these specs and offsets, if kept."""
-        skeleton = json.dumps(self.skeleton)  # the default encoder is cached: faster than compact
+        skeleton = self.skeleton_json or json.dumps(self.skeleton)
         head = (f'{{"format":{FORMAT},"step":{int(self.step)},"world_size":{int(self.world_size)},'
                 f'"rank":{int(self.rank)},"size":{int(self.size)},"digest":{int(self.digest)}')
         return f'{head},"tensors":{table or self.table()},"skeleton":{skeleton}}}'.encode()

@@ -28,7 +28,7 @@ from torch import nn
 from bench.fault_trials import identical
 from distrain.ckpt import Checkpointer, CheckpointError
 from distrain.ckpt.rng_cache import RngCache
-from distrain.ckpt.skeleton import decode, encode, encode_state
+from distrain.ckpt.skeleton import JsonMemo, decode, encode, encode_state
 from distrain.ckpt.snapshot import Snapshots, run_dir
 from distrain.ckpt.snapshot_files import HEADER, Slot, SlotMeta, digest
 from distrain.ckpt.state import capture_rng
@@ -160,6 +160,25 @@ def test_the_structure_of_a_state_round_trips_through_json_with_its_types() -> N
     assert b["layout"] is torch.strided and b["nested"] == [[{"k": "v"}]]
     with pytest.raises(ConfigError, match=r"model\.w.*numpy\.ndarray"):
         encode_state("model", {"w": np.zeros(2)}, [])
+
+
+def test_the_json_memo_reuses_text_only_for_the_same_value_of_the_same_types() -> None:
+    memo = JsonMemo()
+    for value in ([1, "a"], [1, "a"], [1.0, "a"], [True, "a"], [True, "a"], ["d", [0, None]], [-0.0], [0.0]):
+        assert memo.dumps("k", value) == json.dumps(value)
+
+
+def test_a_json_value_that_changes_type_between_snapshots_resumes_with_its_new_type(shm_clean: Path) -> None:
+    ckpt = Checkpointer(shm_clean, CTX, snapshot_every=1)
+    for step, flag in enumerate((1, True, 1.0), start=1):  # equal under ==, not as JSON
+        ckpt.snapshot(step, extra={"flag": flag})
+        ckpt.wait()
+        extra: dict[str, object] = {}
+        assert Checkpointer(shm_clean, CTX, snapshot_every=1).load_latest(extra=extra) == step
+        assert type(extra["flag"]) is type(flag)
+    from distrain import ddp
+
+    ddp.cleanup()  # removes the snapshots
 
 
 def test_rng_states_reused_only_while_unchanged() -> None:
