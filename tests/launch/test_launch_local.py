@@ -163,7 +163,7 @@ def _failing_run(tmp_path: Path, mode: str, *extra: str) -> tuple[subprocess.Com
     ],
 )
 def test_a_failed_rank_stops_the_job_with_a_summary(tmp_path: Path, mode: str, expected: list[str]) -> None:
-    result, elapsed = _failing_run(tmp_path, mode)
+    result, _ = _failing_run(tmp_path, mode)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr.split("distrain: the job failed")[0].replace(
         "[rank1]:Traceback", "")  # only the worker's own traceback, never the launcher's
@@ -171,7 +171,10 @@ def test_a_failed_rank_stops_the_job_with_a_summary(tmp_path: Path, mode: str, e
     for text in expected:
         assert text in summary, summary
     assert "rank 0 " not in summary  # the healthy rank was stopped, not reported as failed
-    assert elapsed < 30
+    # Bounded from the bad rank's start (it fails at once), not the launch's: under a loaded
+    # suite, start-up alone has taken over 30 s; stopping the healthy rank takes seconds.
+    failed_at = (tmp_path / "pid-1-0").stat().st_mtime
+    assert time.time() - failed_at < 20, f"the job took {time.time() - failed_at:.1f} s to stop"
     assert_workers_gone(tmp_path)
 
 
