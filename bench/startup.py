@@ -76,7 +76,7 @@ def start_once(launcher: str, nproc: int, root: Path, tag: str) -> Start:
     out = root / tag
     out.mkdir(parents=True)
     argv = [*launcher_cmd(launcher, nproc), WORKER, str(out), "digits", "--",
-            "--max-steps", "1", "--epochs", "1", "--run-dir", str(out / "run"), "--log-every", "1000"]
+            "--max-steps", "1", "--epochs", "1", "--run-dir", str(out / "run")]
     done = run(argv, timeout=600).check()
     stamps = {}
     for what in ("barrier", "step"):
