@@ -10,7 +10,8 @@
   hosts file naming every host bind-mounted over ``/etc/hosts`` (torch's c10d rendezvous picks the
   node that serves the store by matching the endpoint to the machine's own name);
 * a private working directory mounted at the same path (:attr:`Host.workdir`) on every host, with
-  the other hosts' directories hidden: no disk is shared between hosts. From the test process
+  the other hosts' directories hidden: no disk is shared between hosts; and a ``/dev/shm`` of its
+  own (a tmpfs that goes with the host's last process). From the test process
   (outside every host) a host's directory is :attr:`Host.disk`.
 
 Commands run inside a host with :meth:`Host.run` / :meth:`Host.popen` (``nsenter`` into the host's
@@ -202,13 +203,16 @@ def _start_holder(netns: str, name: str, hosts_file: Path, disk: Path, disks: Pa
     # The holder gives the host its name, hosts file and private disk, then sleeps in the
     # background: its parent shell exits, so it is no child of the test process (pytest's leak
     # check stays meaningful for module-scoped hosts). Every command on the host enters its
-    # namespaces. The other hosts' disks are hidden under a tmpfs.
+    # namespaces. The other hosts' disks are hidden under a tmpfs. /dev/shm is the host's own
+    # tmpfs, gone with its last process, as a machine's memory is: what its processes leave
+    # there (multiprocessing's semaphores of a SIGKILLed launcher) is not left on this machine.
     script = (
         "set -e; "
         f"hostname {name}; "
         f"mount --bind {hosts_file} /etc/hosts; "
         f"mount --bind {disk} {workdir}; "
         f"mount -t tmpfs -o size=1m,mode=700 none {disks}; "
+        "mount -t tmpfs -o mode=1777 none /dev/shm; "
         "sleep infinity </dev/null >/dev/null 2>&1 & echo $!"
     )
     result = subprocess.run(

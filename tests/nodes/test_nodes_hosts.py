@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,14 @@ def test_disks_are_private_at_the_same_path(hosts: list[Host]) -> None:
         others = host.run(["ls", "-A", str(host.disk.parent)], check=True).stdout.split()
         assert others == []  # the other hosts' disks are hidden
     assert Path(hosts[0].workdir).is_dir() and not (hosts[0].workdir / "mine").exists()
+
+
+def test_shared_memory_is_private_to_each_host(hosts: list[Host]) -> None:
+    name = f"distrain-test-{os.getpid()}"
+    hosts[0].run(["sh", "-c", f"echo here > /dev/shm/{name}"], check=True)
+    assert hosts[0].run(["cat", f"/dev/shm/{name}"], check=True).stdout.strip() == "here"
+    assert hosts[1].run(["ls", f"/dev/shm/{name}"]).returncode != 0
+    assert not (Path("/dev/shm") / name).exists()  # nor on this machine
 
 
 def test_link_down_partitions_and_kill_all_stops_everything(hosts: list[Host]) -> None:

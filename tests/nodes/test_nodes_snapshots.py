@@ -1,8 +1,8 @@
 """An FSDP run across two hosts loses one host and resumes from the buddy copy of its shard.
 
 Two separate hosts (tests/helpers/hosts.py), one rank each, no durable checkpoint at all. Each
-host keeps its snapshots in its own memory directory (``DISTRAIN_SNAPSHOT_DIR`` on the host's
-private disk: the hosts' real ``/dev/shm`` is one tmpfs, so it would not be lost with a host).
+host keeps its snapshots in a memory directory of its own (``DISTRAIN_SNAPSHOT_DIR`` on the host's
+private disk rather than its private ``/dev/shm``: the test reads and wipes it from outside).
 Each rank's shard is also sent to its buddy on the other host. Host 1's rank SIGKILLs itself
 after a snapshot; every process left on host 1 is killed and its snapshot directory wiped (a
 reboot loses ``/dev/shm``). The same command on both hosts (host 1 replaced by a fresh one)
