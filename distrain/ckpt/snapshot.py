@@ -130,7 +130,6 @@ class Snapshots:
                 state = state_of(obj, kind)
             states += [name, encode_state(name, state, tensors)]
         encoded_kinds, rng = encode(kinds, tensors), encode(self._rng.capture(), tensors)
-        skeleton = ["d", ["objects", ["d", states], "kinds", encoded_kinds, "rng", rng]]
         text = _skeleton_json(self._json, states, encoded_kinds, rng)
         specs = specs_of(tensors)
         if specs != self._specs:
@@ -143,8 +142,7 @@ class Snapshots:
         slot.invalidate()
         data = slot.allocate(self._size)
         meta = SlotMeta(step=step, world_size=self.ctx.world_size, rank=self.ctx.rank, size=self._size,
-                        digest=0, specs=specs, offsets=self._offsets, skeleton=skeleton,
-                        skeleton_json=text)
+                        digest=0, specs=specs, offsets=self._offsets, skeleton=None, skeleton_json=text)
         views = slot.views(meta, data)
         if self._size <= INLINE_BYTES:
             _copy(views, tensors)
@@ -408,8 +406,10 @@ class Snapshots:
 
 
 def _skeleton_json(memo: JsonMemo, states: list[Any], kinds: Any, rng: Any) -> str:
-    """``json.dumps`` of the skeleton ``take`` builds, from pieces that mostly repeat."""
-    pieces = [memo.dumps(("name", states[i]), states[i]) + ", " + memo.dumps(states[i], states[i + 1])
+    """The snapshot's skeleton as JSON, ``json.dumps`` of ``["d", ["objects", ["d", states],
+    "kinds", kinds, "rng", rng]]`` (what :meth:`Snapshots.restore` decodes), from pieces that
+    mostly repeat; the object names are the memo's keys (kinds and RNG use tuple keys)."""
+    pieces = [json.dumps(states[i]) + ", " + memo.dumps(states[i], states[i + 1])
               for i in range(0, len(states), 2)]
     return (f'["d", ["objects", ["d", [{", ".join(pieces)}]], '
             f'"kinds", {memo.dumps(("kinds",), kinds)}, "rng", {memo.dumps(("rng",), rng)}]]')

@@ -73,8 +73,8 @@ class SlotMeta:
     digest: int
     specs: tuple[Spec, ...]
     offsets: list[int]
-    skeleton: Any  # skeleton.encode's output
-    skeleton_json: str | None = None  # json.dumps(skeleton), where the taker rendered it already
+    skeleton: Any  # skeleton.encode's output (None where the taker gives skeleton_json instead)
+    skeleton_json: str | None = None  # its JSON text, as the taker rendered it
 
     def to_bytes(self, table: str | None = None) -> bytes:
         """The meta file's bytes; ``table``: :meth:`table` of these specs and offsets, if kept."""

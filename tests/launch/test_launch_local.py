@@ -145,11 +145,9 @@ def test_two_jobs_at_once_pick_their_own_ports(tmp_path: Path) -> None:
     assert len(ports) == 2
 
 
-def _failing_run(tmp_path: Path, mode: str, *extra: str) -> tuple[subprocess.CompletedProcess[str], float]:
-    start = time.monotonic()
-    result = distrain("launch", "--nproc-per-node", "2", *extra, str(SCRIPTS / "behave.py"),
-                      env={"OUT_DIR": str(tmp_path), "BEHAVE": mode})
-    return result, time.monotonic() - start
+def _failing_run(tmp_path: Path, mode: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return distrain("launch", "--nproc-per-node", "2", *extra, str(SCRIPTS / "behave.py"),
+                    env={"OUT_DIR": str(tmp_path), "BEHAVE": mode})
 
 
 @both_start_methods
@@ -163,7 +161,7 @@ def _failing_run(tmp_path: Path, mode: str, *extra: str) -> tuple[subprocess.Com
     ],
 )
 def test_a_failed_rank_stops_the_job_with_a_summary(tmp_path: Path, mode: str, expected: list[str]) -> None:
-    result, _ = _failing_run(tmp_path, mode)
+    result = _failing_run(tmp_path, mode)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr.split("distrain: the job failed")[0].replace(
         "[rank1]:Traceback", "")  # only the worker's own traceback, never the launcher's
@@ -181,10 +179,10 @@ def test_a_failed_rank_stops_the_job_with_a_summary(tmp_path: Path, mode: str, e
 @both_start_methods
 @pytest.mark.timeout(120)
 def test_teardown_abort_is_named_but_still_fails(tmp_path: Path) -> None:
-    result, _ = _failing_run(tmp_path, "abort")
+    result = _failing_run(tmp_path, "abort")
     assert result.returncode == 1
     assert "gloo teardown abort" in result.stderr and "distrain.ddp.cleanup()" in result.stderr
-    result, _ = _failing_run(tmp_path, "raise-abort")
+    result = _failing_run(tmp_path, "raise-abort")
     assert result.returncode == 1
     assert "killed by SIGABRT" in result.stderr and "gloo teardown abort" not in result.stderr
 
@@ -192,7 +190,7 @@ def test_teardown_abort_is_named_but_still_fails(tmp_path: Path) -> None:
 @both_start_methods
 @pytest.mark.timeout(120)
 def test_max_restarts_restarts_the_group(tmp_path: Path) -> None:
-    result, _ = _failing_run(tmp_path, "restart", "--max-restarts", "1")
+    result = _failing_run(tmp_path, "restart", "--max-restarts", "1")
     assert_ok(result)
     assert "[rank0]:rank 0 ok on attempt 1" in result.stdout
     assert "[rank1]:rank 1 ok on attempt 1" in result.stdout
@@ -238,7 +236,7 @@ def test_workers_ignoring_sigterm_are_killed_after_the_grace_period(tmp_path: Pa
 @pytest.mark.timeout(120)
 def test_log_dir_has_a_file_per_rank_and_attempt_and_console_is_prefixed(tmp_path: Path) -> None:
     logs = tmp_path / "logs"
-    result, _ = _failing_run(tmp_path, "restart", "--max-restarts", "1", "--log-dir", str(logs))
+    result = _failing_run(tmp_path, "restart", "--max-restarts", "1", "--log-dir", str(logs))
     assert_ok(result)
     stdout_files = sorted(p.relative_to(logs).parts[1:] for p in logs.rglob("stdout.log"))
     assert stdout_files == [("attempt_0", "0", "stdout.log"), ("attempt_0", "1", "stdout.log"),
