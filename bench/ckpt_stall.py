@@ -1,7 +1,7 @@
 """Checkpoint stall, training time lost and write throughput for a ~200 MB training state.
 
-    python bench/ckpt_stall.py                  # 5 interleaved repetitions
-    python bench/ckpt_stall.py --quick          # 3 repetitions
+    python bench/ckpt_stall.py                  # 5 interleaved repetitions (15 of the segments)
+    python bench/ckpt_stall.py --quick          # 3 repetitions (9 of the segments)
     python bench/ckpt_stall.py --dir /mnt/fast --reps 7
 
 The state: an MLP of 25.5 M parameters (102 MB) and its SGD momentum (102 MB). One process, a
@@ -15,7 +15,8 @@ real training loop on 2 CPU threads.
   ``wait``); goal: async <= 0.10 of blocking. "Training time lost" is the segment's extra wall
   time over the no-save segment next to it: it also counts what the background writer takes
   from training when both share the same cores (this CPU-only machine), which is what a user
-  pays; goal: async <= 0.5 of blocking (ratio of the medians).
+  pays; goal: async <= 0.5 of blocking (ratio of the medians). A segment's wall time varies by
+  more than a save costs, so the segments run three times as many repetitions as the rest.
 * **CPU**: the CPU seconds (user + system, every thread of the process) of one save with
   nothing else running (async ``save`` + ``wait`` against ``torch.save``, interleaved): what a
   save takes from training on busy cores, little moved by other load on the machine, where the
@@ -50,6 +51,7 @@ from distrain.ckpt import Checkpointer
 
 HIDDEN = 3400  # 2 x 2048 x 3400 + 3400^2 = 25.5 M parameters: 102 MB, 204 MB with momentum
 STALL_GOAL, LOST_GOAL, THROUGHPUT_GOAL = 0.10, 0.5, 0.8
+SEGMENT_REPS = 3  # segment triples per repetition: their wall time is the noisiest figure
 
 
 def build_state() -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -207,7 +209,7 @@ def run_bench(reps: int = 5, *, steps: int = 12, directory: Path | None = None) 
     root = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=directory))
     note_before = load_note()
     try:
-        stalled = stall(root, reps, steps)
+        stalled = stall(root, SEGMENT_REPS * reps, steps)
         spent = save_cpu(root, reps)
         written = throughput(root, reps)
     finally:
@@ -215,8 +217,10 @@ def run_bench(reps: int = 5, *, steps: int = 12, directory: Path | None = None) 
     note = f"{note_before} before, {load_note()} after"
     mb = stalled["bytes"] / 2**20
     stopped, lost = stalled["median_blocked_s"], stalled["median_slowdown_s"]
+    segments = SEGMENT_REPS * reps
     print(table(f"Checkpoint cost: {mb:.0f} MB of state, one save in a {steps}-step segment "
-                f"({stalled['median_segment_s']:.1f}s without a save), median of {reps} "
+                f"({stalled['median_segment_s']:.1f}s without a save), median of {segments} segments, "
+                f"{reps} saves for CPU and MB/s "
                 f"({note}; disk of {root.parent})",
                 ["measure", "async save", "blocking torch.save / dd", "ratio", "goal"],
                 [["training stopped (s)", stopped["async"], stopped["blocking"], stalled["ratio"],
