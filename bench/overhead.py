@@ -20,8 +20,9 @@ this shared machine hits neighbouring runs alike). Goals: distrain / torchrun >=
 fast start / spawn: median >= 0.99 with the lower end of its distribution-free 95 % interval
 >= 0.98, over at least 15 launch pairs (``--pairs``); the torchrun side runs in the first
 ``--reps`` rounds only. Each rank also reports what a timed step cost its process (minor page
-faults, involuntary context switches), the two things that differed between forked and spawned
-workers before they got a session of their own (docs/performance.md).
+faults, involuntary context switches, CPU time of the whole process): a forked worker that did
+more work per step would show it in CPU time, one that got a smaller CPU share would not
+(docs/performance.md).
 
 Separate launches cannot resolve 1 % here: the same command's speed varies by +-15 % from
 launch to launch on this VM. So a second table, **paired**, runs both loops in one 2-rank
@@ -118,7 +119,8 @@ def run_bench(reps: int = 5, *, scale: float = 1.0, pairs: int = START_PAIRS,
         vs_spawn = median(start_ratios)
         low, high = median_interval(start_ratios)
         usage = {name: {key: median([r["usage"][workload][key] for r in runs])
-                        for key in ("minor_faults_per_step", "involuntary_switches_per_step")}
+                        for key in ("minor_faults_per_step", "involuntary_switches_per_step",
+                                    "cpu_ms_per_step")}
                  for name, runs in raw.items() if name != "torchrun"}
         results[workload] = {"steps_per_s": {k: [round(x, 2) for x in v] for k, v in rate.items()},
                              "ratio_vs_torchrun": round(vs_torchrun, 3), "ratio_vs_spawn": round(vs_spawn, 3),
@@ -133,14 +135,17 @@ def run_bench(reps: int = 5, *, scale: float = 1.0, pairs: int = START_PAIRS,
                            f"{usage['distrain']['minor_faults_per_step']:.1f} / "
                            f"{usage['distrain-spawn']['minor_faults_per_step']:.1f}",
                            f"{usage['distrain']['involuntary_switches_per_step']:.2f} / "
-                           f"{usage['distrain-spawn']['involuntary_switches_per_step']:.2f}"])
+                           f"{usage['distrain-spawn']['involuntary_switches_per_step']:.2f}",
+                           f"{usage['distrain']['cpu_ms_per_step']:.2f} / "
+                           f"{usage['distrain-spawn']['cpu_ms_per_step']:.2f}"])
     note = f"{note_before} before, {load_note()} after"
     print(table(f"Overhead: steps/s, 2 ranks, median of {reps} interleaved repetitions ({note})",
                 ["workload", "distrain", "torchrun loop", "distrain/torchrun", "goal"], rows), flush=True)
     print(table(f"Fast start vs spawn: steps/s of separate 2-rank launches, interleaved pairs, median "
                 f"of per-pair ratios, distribution-free 95 % interval ({note})",
                 ["workload", "pairs", "forked", "spawned", "forked/spawned", "95 % interval", "goal",
-                 "minor faults/step (forked / spawned)", "involuntary switches/step"], start_rows),
+                 "minor faults/step (forked / spawned)", "involuntary switches/step", "CPU ms/step"],
+                start_rows),
           flush=True)
     paired = run_paired(pairs=paired_pairs or max(10, round(PAIRS * scale)))
     return {"reps": reps, "pairs": pairs, "scale": scale, "load": note, "workloads": results,

@@ -82,11 +82,13 @@ def build(name: str, *, scale: float = 1.0) -> Workload:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Timing:
     """The timed steps of one workload on one rank: speed, and what the process paid per step
-    (page faults: copy-on-write or fresh pages; switches: the kernel took the CPU away)."""
+    (page faults: copy-on-write or fresh pages; switches: the kernel took the CPU away; CPU time:
+    the work done, which tells a slower CPU share from more work)."""
 
     steps_per_s: float
     minor_faults_per_step: float
     involuntary_switches_per_step: float
+    cpu_ms_per_step: float  # user + system, every thread of the rank's process
     gc_collections: int
 
 
@@ -106,6 +108,8 @@ def timed(steps: Iterator[int], work: Workload) -> Timing:
     return Timing(steps_per_s=work.steps / elapsed,
                   minor_faults_per_step=(after.ru_minflt - before.ru_minflt) / work.steps,
                   involuntary_switches_per_step=(after.ru_nivcsw - before.ru_nivcsw) / work.steps,
+                  cpu_ms_per_step=1000 * (after.ru_utime + after.ru_stime - before.ru_utime
+                                          - before.ru_stime) / work.steps,
                   gc_collections=collections)
 
 
@@ -124,5 +128,6 @@ def write_rates(out: Path, timings: dict[str, Timing]) -> None:
     rates: dict[str, object] = {name: timing.steps_per_s for name, timing in timings.items()}
     usage = {name: {"minor_faults_per_step": round(t.minor_faults_per_step, 2),
                     "involuntary_switches_per_step": round(t.involuntary_switches_per_step, 3),
+                    "cpu_ms_per_step": round(t.cpu_ms_per_step, 4),
                     "gc_collections": t.gc_collections} for name, t in timings.items()}
     out.write_text(json.dumps(rates | {"usage": usage, "threads": torch.get_num_threads()}))
