@@ -2,8 +2,9 @@
 
 What it adds to ``torchrun``, all on top of ``elastic_launch``:
 
-* a free port on every single-node launch (a private c10d store on ``localhost:0``, as
-  ``torchrun --standalone`` does), so two jobs on one machine never collide;
+* a free port on every single-node launch (the agent's store on port 0, as
+  ``torchrun --standalone`` has), so two jobs on one machine never collide, without the c10d
+  rendezvous's random wait at every start and restart (:mod:`distrain.launchers.one_node`);
 * console lines prefixed ``[rankN]:`` and per-rank log files kept for the failure summary;
 * a failure summary naming each failed rank, its exit code or signal and its last log lines,
   recognising the gloo teardown abort;
@@ -52,7 +53,9 @@ def rendezvous(config: LaunchConfig) -> tuple[str, str, str, dict[str, Any]]:
         and config.max_nodes == 1
     )
     if config.standalone or single_node_auto:
-        return "c10d", "localhost:0", uuid.uuid4().hex, conf
+        from distrain.launchers import one_node  # torch.distributed: imported when launching only
+
+        return one_node.register(), "", uuid.uuid4().hex, conf
     if config.rdzv_backend == "static":
         conf["rank"] = config.node_rank
         endpoint = config.rdzv_endpoint or f"{config.master_addr}:{config.master_port}"
