@@ -8,6 +8,7 @@ hits both sides alike, and a ratio is the median of at least 5 of them.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import statistics
@@ -172,6 +173,15 @@ def wait_until(condition: Callable[[], bool], *, timeout: float, what: str,
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
+
+
+def median_interval(values: Sequence[float]) -> tuple[float, float]:
+    """A distribution-free 95 % confidence interval for the median (order statistics)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    half = 0.98 * math.sqrt(n)  # 1.96 * sqrt(n) / 2
+    low, high = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
+    return ordered[low], ordered[high]
 
 
 def interleave(reps: int, sides: Mapping[str, Callable[[], T]]) -> dict[str, list[T]]:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -52,6 +51,7 @@ from bench.common import (
     goal_mark,
     load_note,
     median,
+    median_interval,
     run,
     table,
     torchrun_cmd,
@@ -150,15 +150,6 @@ def run_bench(reps: int = 5, *, scale: float = 1.0, pairs: int = START_PAIRS,
     paired = run_paired(pairs=paired_pairs or max(10, round(PAIRS * scale)))
     return {"reps": reps, "pairs": pairs, "scale": scale, "load": note, "workloads": results,
             "paired": paired}
-
-
-def median_interval(values: Sequence[float]) -> tuple[float, float]:
-    """A distribution-free 95 % confidence interval for the median (order statistics)."""
-    ordered = sorted(values)
-    n = len(ordered)
-    half = 0.98 * math.sqrt(n)  # 1.96 * sqrt(n) / 2
-    low, high = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
-    return ordered[low], ordered[high]
 
 
 def run_paired(*, pairs: int) -> dict[str, Any]:

@@ -98,19 +98,28 @@ def compare(work: Workload, ctx: ddp.Context, root: Path, *, pairs: int, chunk: 
     return {"pairs": seconds, "cpu_pairs": cpu, "state_mb": round(2 * size / 2**20, 1)}  # weights + momentum
 
 
+def per_workload(spec: str, names: list[str]) -> dict[str, int]:
+    """``"digits=40,mlp=10"`` -> ``{"digits": 40, "mlp": 10}``; a bare number is for every workload."""
+    if "=" not in spec:
+        return dict.fromkeys(names, int(spec))
+    return {name: int(value) for name, value in (item.split("=") for item in spec.split(","))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--workloads", default="digits,mlp,large")
-    parser.add_argument("--pairs", type=int, default=20)
+    parser.add_argument("--pairs", default="digits=200,mlp=20,large=20",
+                        help="chunk pairs per workload, or one number for all")
     parser.add_argument("--chunk", default="digits=40,mlp=10,large=3", help="steps per chunk")
     args = parser.parse_args()
-    chunks = {name: int(steps) for name, steps in (item.split("=") for item in args.chunk.split(","))}
+    names = args.workloads.split(",")
+    chunks, pairs = per_workload(args.chunk, names), per_workload(args.pairs, names)
     ctx = ddp.init()
     result = {name: compare(large() if name == "large" else build(name), ctx, Path(args.ckpt),
-                            pairs=args.pairs, chunk=chunks[name])
-              for name in args.workloads.split(",")}
+                            pairs=pairs[name], chunk=chunks[name])
+              for name in names}
     if ctx.is_main:
         Path(args.out).write_text(json.dumps(result))
     dist.barrier()
