@@ -208,8 +208,9 @@ def throughput(root: Path, reps: int) -> dict[str, Any]:
 def run_bench(reps: int = 5, *, steps: int = 12, directory: Path | None = None) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=directory))
     note_before = load_note()
+    segments = SEGMENT_REPS * reps
     try:
-        stalled = stall(root, SEGMENT_REPS * reps, steps)
+        stalled = stall(root, segments, steps)
         spent = save_cpu(root, reps)
         written = throughput(root, reps)
     finally:
@@ -217,7 +218,6 @@ def run_bench(reps: int = 5, *, steps: int = 12, directory: Path | None = None) 
     note = f"{note_before} before, {load_note()} after"
     mb = stalled["bytes"] / 2**20
     stopped, lost = stalled["median_blocked_s"], stalled["median_slowdown_s"]
-    segments = SEGMENT_REPS * reps
     print(table(f"Checkpoint cost: {mb:.0f} MB of state, one save in a {steps}-step segment "
                 f"({stalled['median_segment_s']:.1f}s without a save), median of {segments} segments, "
                 f"{reps} saves for CPU and MB/s "
