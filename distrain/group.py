@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import inspect
 import logging
 import os
 import sys
@@ -347,6 +348,7 @@ def cleanup(*, synchronize: bool | None = None) -> None:
     failure = _agreed_failure(failed, agree=synchronized)
     stacks.finished()  # the agreement, a collective, marked this rank as running again
     if grouped:
+        _unpin_default_group()
         dist.destroy_process_group()
         gc.collect()
     if failure is None:
@@ -380,6 +382,53 @@ def resolve(ctx: Context | None) -> Context:
     return current() if ctx is None else ctx
 
 
+def _release_fsdp_groups(root: nn.Module) -> None:
+    """FSDP2 (``fully_shard``) holds its process groups in the mesh info of each parameter group
+    and parameter, and in each device mesh's registry, which DTensor's sharding cache keeps
+    alive: drop them, so that the group goes with ``destroy_process_group()``."""
+    # Torch internals, read with getattr throughout: a renamed one must not break cleanup.
+    for module in root.modules():
+        get_state = getattr(module, "_get_fsdp_state", None)
+        param_groups = getattr(get_state(), "_fsdp_param_groups", ()) if get_state is not None else ()
+        for param_group in param_groups:
+            for holder in (param_group, *getattr(param_group, "fsdp_params", ())):
+                for name in ("mesh_info", "post_forward_mesh_info"):
+                    _drop_groups(getattr(holder, name, None))
+
+
+def _drop_groups(mesh_info: object) -> None:
+    """Set an FSDP mesh info's process groups to None and empty its mesh's group registry."""
+    if mesh_info is None:
+        return
+    for name, value in list(vars(mesh_info).items()):
+        if isinstance(value, dist.ProcessGroup):
+            setattr(mesh_info, name, None)
+    registry = getattr(getattr(mesh_info, "mesh", None), "_pg_registry", None)
+    if isinstance(registry, dict):
+        registry.clear()
+
+
+def _unpin_default_group() -> None:
+    """Drop the references torch keeps to the default group in default arguments.
+
+    ``torch.distributed.nn.functional`` declares its collectives with ``group=group.WORLD``,
+    evaluated once, when the module is first imported. DDP's constructor imports it (through
+    ``torch._dynamo``), so in a script the import comes after the group formed and those
+    defaults hold the group until the interpreter exits: ``destroy_process_group()`` cannot free
+    it, its gloo threads keep running into interpreter finalization, and one still finishing
+    the last collective there needs the GIL and aborts the process (pitfalls.md). ``None``
+    means the default group to every function in that module, as it did before it formed.
+    """
+    functional = sys.modules.get("torch.distributed.nn.functional")
+    if functional is None or not dist.is_initialized():
+        return
+    default_group = dist.distributed_c10d._get_default_group()
+    for value in vars(functional).values():
+        defaults = getattr(value, "__defaults__", None)
+        if inspect.isfunction(value) and defaults and any(d is default_group for d in defaults):
+            value.__defaults__ = tuple(None if d is default_group else d for d in defaults)
+
+
 # DDP wrappers made in this process (weak: a wrapper the user dropped is simply gone).
 _live_wrappers: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
@@ -390,20 +439,21 @@ def track_wrapper(wrapper: nn.Module) -> None:
 
 
 def release_wrappers() -> None:
-    """Drop every reference a live DDP wrapper holds to the process group.
+    """Drop every reference a live DDP or FSDP wrapper holds to its process groups.
 
-    The DDP ``Reducer`` (C++) owns the process group and autograd hooks; left alive it is
-    destroyed during interpreter finalization, which is what aborts. Deleting it here runs its
-    destructor now, on the main thread, while the group still exists. The wrapper object the
-    user holds stays valid as a container (``.module``) but can no longer run forward.
+    Held past ``destroy_process_group()``, a group keeps its gloo threads running into
+    interpreter finalization, which can abort the process (pitfalls.md). The DDP ``Reducer``
+    (C++) owns the group and autograd hooks: deleting it here runs its destructor now, on the
+    main thread, while the group still exists. The wrapper object the user holds stays valid as
+    a container (``.module``) but can no longer run forward or backward.
     """
-    # FSDP2 keeps its group in its device mesh and needs nothing dropped: with the barrier
-    # cleanup() always runs first it does not abort at teardown (pitfalls.md, make stress).
     for wrapper in list(_live_wrappers):
         if isinstance(wrapper, nn.parallel.DistributedDataParallel):
             for name in ("reducer", "logger", "_comm_hooks", "process_group", "_delay_all_reduce_params"):
                 if name in wrapper.__dict__:
                     del wrapper.__dict__[name]
+        else:
+            _release_fsdp_groups(wrapper)
     _live_wrappers.clear()
     if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
         torch.cuda.synchronize()

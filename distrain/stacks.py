@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from distrain.heartbeat import COLLECTED, WATCH_DIR_ENV, BeatWriter, beat_path
+from distrain.orphans import watch_launcher
 
 DUMP_SIGNAL = signal.SIGUSR2
 # How long a rank whose collective timed out waits for the launcher to collect every rank's
@@ -85,10 +86,12 @@ def _current() -> _Watched | None:
 
 
 def install() -> bool:
-    """Start this worker's heartbeat and dump handlers when a distrain launcher watches it.
+    """Start this worker's heartbeat and dump handlers when a distrain launcher watches it, and
+    its own watch on that launcher (:mod:`distrain.orphans`).
 
     Idempotent; called at worker start by the launchers and again by ``distrain.init()``.
     """
+    watch_launcher()
     if _current() is not None:
         return True
     watch_dir = os.environ.get(WATCH_DIR_ENV)

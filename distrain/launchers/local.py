@@ -33,6 +33,7 @@ from distrain.launchers.base import Launcher
 from distrain.launchers.node_watch import watching_nodes
 from distrain.launchers.recovery import c10d_recovery_conf, restart_preload
 from distrain.launchers.restart_notice import restart_notices
+from distrain.orphans import launcher_environ
 from distrain.results import RankFailure, RunResult, causes_first, classify, tail_text
 from distrain.signals import SIGNAL_NAMES, restored_signal_handlers
 
@@ -119,6 +120,8 @@ def launch_environ(config: LaunchConfig) -> dict[str, str]:
       restarted ``init_process_group`` finds the dead group's gloo addresses and fails
       ("Gloo connectFullMesh failed ... Connection refused"; real torchrun 2.14 does this).
       Without sharing, every attempt gets a fresh store.
+    * ``DISTRAIN_LAUNCHER_PID``, ``DISTRAIN_TERM_TIMEOUT``: a worker whose launcher is gone stops
+      after the grace period (:mod:`distrain.orphans`).
     """
     # What the agent exports before it starts workers; set here too so that workers forked
     # from a server started earlier see it (environment parity with torchrun).
@@ -129,6 +132,7 @@ def launch_environ(config: LaunchConfig) -> dict[str, str]:
     changes[AFFINITY_ENV] = launcher_cpus() if config.cpu_affinity == "auto" else ""
     if config.max_restarts > 0:
         changes.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    changes.update(launcher_environ(config.term_timeout))
     return changes
 
 

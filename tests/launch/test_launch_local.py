@@ -16,6 +16,7 @@ import pytest
 
 from distrain.affinity import AFFINITY_ENV, parse_cpus
 from distrain.launchers.watchdog import WATCH_ENV_KEYS
+from distrain.orphans import ENV_KEYS as ORPHAN_ENV_KEYS
 from tests.helpers import (
     PYTHON,
     REPO,
@@ -70,9 +71,10 @@ def test_environment_matches_real_torchrun(tmp_path: Path) -> None:
     assert sorted(runs["torchrun"]) == sorted(runs["distrain"]) == [0, 1]
     for rank in (0, 1):
         ours, theirs = runs["distrain"][rank], runs["torchrun"][rank]
-        assert set(ours) >= WATCH_ENV_KEYS | {AFFINITY_ENV}  # ours alone: the hang watch, the CPUs
+        own = WATCH_ENV_KEYS | ORPHAN_ENV_KEYS | {AFFINITY_ENV}
+        assert set(ours) >= own  # ours alone: the hang watch, the launcher watch, the CPUs
         assert parse_cpus(ours[AFFINITY_ENV]) == os.sched_getaffinity(0)
-        ours = {key: value for key, value in ours.items() if key not in WATCH_ENV_KEYS | {AFFINITY_ENV}}
+        ours = {key: value for key, value in ours.items() if key not in own}
         assert set(ours) == set(theirs), f"rank {rank}: keys differ: {set(ours) ^ set(theirs)}"
         for key in set(theirs) - VOLATILE:
             assert ours[key] == theirs[key], f"rank {rank} {key}: {ours[key]!r} != {theirs[key]!r}"
