@@ -416,7 +416,7 @@ def _unpin_default_group() -> None:
     ``torch._dynamo``), so in a script the import comes after the group formed and those
     defaults hold the group until the interpreter exits: ``destroy_process_group()`` cannot free
     it, its gloo threads keep running into interpreter finalization, and one still finishing
-    the last collective there needs the GIL and aborts the process (pitfalls.md). ``None``
+    the last collective there needs the GIL and aborts the process (docs/troubleshooting.md). ``None``
     means the default group to every function in that module, as it did before it formed.
     """
     functional = sys.modules.get("torch.distributed.nn.functional")
@@ -442,7 +442,7 @@ def release_wrappers() -> None:
     """Drop every reference a live DDP or FSDP wrapper holds to its process groups.
 
     Held past ``destroy_process_group()``, a group keeps its gloo threads running into
-    interpreter finalization, which can abort the process (pitfalls.md). The DDP ``Reducer``
+    interpreter finalization, which can abort the process (docs/troubleshooting.md). The DDP ``Reducer``
     (C++) owns the group and autograd hooks: deleting it here runs its destructor now, on the
     main thread, while the group still exists. The wrapper object the user holds stays valid as
     a container (``.module``) but can no longer run forward or backward.

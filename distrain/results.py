@@ -123,9 +123,10 @@ class RankFailure:
         if self.teardown_abort:
             head += (
                 "\n  This is the gloo teardown abort: the script finished, then the process "
-                "aborted at interpreter exit because a DDP/FSDP wrapper outlived the process "
-                "group. Fix: call distrain.ddp.cleanup() at the end of the script (or `del model`"
-                " before dist.destroy_process_group()); see README 'Troubleshooting'."
+                "aborted at interpreter exit because its process group outlived "
+                "destroy_process_group(). Fix: call distrain.ddp.cleanup() at the end of the "
+                "script (plain torch: `import torch.distributed.nn` before init_process_group(), "
+                "`del model` before destroy_process_group()); see docs/troubleshooting.md."
             )
         if self.collective_timeout:
             head += (

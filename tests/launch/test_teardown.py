@@ -29,7 +29,7 @@ GROUP_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_no_process_group_thread_outlives_cleanup(tmp_path: Path, strategy: str) -> None:
     # spawn: a fresh interpreter imports torch.distributed.nn.functional only when DDP is built,
-    # after the group formed, so its default arguments hold the group (pitfalls.md).
+    # after the group formed, so its default arguments hold the group (docs/troubleshooting.md).
     script = str(REPO / "tests" / "scripts" / "teardown_threads.py")
     assert_ok(distrain("launch", "--start-method", "spawn", "--nproc-per-node", "2", script,
                        env={"OUT_DIR": str(tmp_path), "STRATEGY": strategy}))

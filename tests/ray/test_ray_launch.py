@@ -25,6 +25,7 @@ import torch
 from distrain.affinity import AFFINITY_ENV
 from distrain.env import CONTRACT_KEYS
 from distrain.launchers.watchdog import WATCH_ENV_KEYS
+from distrain.orphans import ENV_KEYS as ORPHAN_ENV_KEYS
 from tests.helpers import PYTHON, REPO, assert_ok, child_env, distrain, ray_harness
 from tests.helpers.ray_harness import (
     Launcher,
@@ -129,9 +130,11 @@ def test_environment_matches_the_local_launcher_key_by_key(parity: dict[str, Any
         ours, theirs = ray_envs[rank], local_envs[rank]
         # Every variable the local launcher adds, and the whole contract, with the same value;
         # not the CPUs the local launcher shares out among its ranks (Ray places its actors).
+        # Nor the launcher watch's (a Ray worker dies with its actor: PR_SET_PDEATHSIG=SIGKILL).
         assert AFFINITY_ENV in theirs and AFFINITY_ENV not in ours
+        assert set(theirs) >= ORPHAN_ENV_KEYS and not ORPHAN_ENV_KEYS & set(ours)
         added = {k for k, v in theirs.items() if parent.get(k) != v and not k.startswith("__")}
-        added -= {"_", "SHLVL", AFFINITY_ENV} | WATCH_ENV_KEYS
+        added -= {"_", "SHLVL", AFFINITY_ENV} | WATCH_ENV_KEYS | ORPHAN_ENV_KEYS
         for key in sorted(added | set(CONTRACT_KEYS) | {"CUDA_VISIBLE_DEVICES"}):
             assert (key in ours) == (key in theirs), f"rank {rank}: {key} present in one only"
             if key in theirs and key not in VOLATILE:

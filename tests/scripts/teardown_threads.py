@@ -1,6 +1,6 @@
 """Train 3 steps (STRATEGY: ddp or fsdp), clean up, then write the names of the threads this
 process still runs to $OUT_DIR/threads-<rank>.json: the process group's must be gone, or they
-run into interpreter finalization, where they can abort the process (pitfalls.md)."""
+run into interpreter finalization, where they can abort the process (docs/troubleshooting.md)."""
 
 import json
 import os
