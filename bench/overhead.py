@@ -1,28 +1,20 @@
 """Overhead: training steps/s under distrain vs a hand-written DDP loop under torchrun.
 
-    python bench/overhead.py                # 15 fast/spawn pairs, torchrun in 5 of the rounds
-    python bench/overhead.py --quick        # the same at half the steps, a 30-pair paired table
-    python bench/overhead.py --reps 7 --pairs 21 --scale 0.5
+    python bench/overhead.py                # 5 interleaved rounds, a 120-pair paired table
+    python bench/overhead.py --quick        # 3 rounds at half the steps, a 30-pair paired table
+    python bench/overhead.py --reps 7 --scale 0.5
 
-Three sides, each a real 2-rank launch, each timing the same steps of the same workloads
+Two sides, each a real 2-rank launch, each timing the same steps of the same workloads
 (bench/workers/workloads.py: the digits CNN, and a 2.9 M-parameter MLP) after a warm-up:
 
-* ``distrain``: ``distrain launch --start-method forkserver`` (fast start, the default) of a
-  loop using ``ddp.wrap``, ``build_loader``, ``TBLogger`` + ``train_scalars`` every 10 steps
-  and ``StepTimer``;
-* ``distrain-spawn``: the same with ``--start-method spawn`` (fresh interpreters, as torchrun):
-  forked workers must train as fast as spawned ones;
+* ``distrain``: ``distrain launch`` (fast start, the default) of a loop using ``ddp.wrap``,
+  ``build_loader``, ``TBLogger`` + ``train_scalars`` every 10 steps and ``StepTimer``;
 * ``torchrun``: real ``torchrun`` of a hand-written loop (``init_process_group``, DDP,
   ``DistributedSampler``, tensorboardX on rank 0).
 
 Ratios are medians over repetitions of per-repetition ratios (interleaved, so a load spike on
-this shared machine hits neighbouring runs alike). Goals: distrain / torchrun >= 0.99 and
-fast start / spawn: median >= 0.99 with the lower end of its distribution-free 95 % interval
->= 0.98, over at least 15 launch pairs (``--pairs``); the torchrun side runs in the first
-``--reps`` rounds only. Each rank also reports what a timed step cost its process (minor page
-faults, involuntary context switches, CPU time of the whole process): a forked worker that did
-more work per step would show it in CPU time, one that got a smaller CPU share would not
-(docs/performance.md).
+this shared machine hits neighbouring runs alike). Goal: distrain / torchrun >= 0.99. Fast start
+vs spawn has its own benchmark, bench/start_methods.py.
 
 Separate launches cannot resolve 1 % here: the same command's speed varies by +-15 % from
 launch to launch on this VM. So a second table, **paired**, runs both loops in one 2-rank
@@ -59,9 +51,7 @@ from bench.common import (
 
 WORKLOADS = ("digits", "mlp")
 GOAL = 0.99
-LOW_GOAL = 0.98  # the lower end of the fast/spawn interval
 PAIRS = 120
-START_PAIRS = 15
 
 
 def side_commands(out: Path, scale: float) -> dict[str, Callable[[], dict[str, Any]]]:
@@ -82,74 +72,44 @@ def side_commands(out: Path, scale: float) -> dict[str, Callable[[], dict[str, A
 
     worker_args = ("--scale", str(scale))
     return {
-        "distrain": runner(lambda r: distrain_cmd("--nproc-per-node", "2", "--start-method", "forkserver",
-                                                  distrain_worker, "--out", str(r), *worker_args)),
-        "distrain-spawn": runner(lambda r: distrain_cmd("--nproc-per-node", "2", "--start-method", "spawn",
-                                                        distrain_worker, "--out", str(r), *worker_args)),
+        "distrain": runner(lambda r: distrain_cmd("--nproc-per-node", "2", distrain_worker, "--out", str(r),
+                                                  *worker_args)),
         "torchrun": runner(lambda r: torchrun_cmd("--nproc-per-node", "2", plain_worker, "--out", str(r),
                                                   *worker_args)),
     }
 
 
-def rounds(reps: int, pairs: int, sides: dict[str, Callable[[], dict[str, Any]]]) -> dict[str, list[Any]]:
-    """``pairs`` interleaved rounds of the fast and spawn sides, torchrun in the first ``reps``;
-    the order rotates each round so no side always runs first."""
+def rounds(reps: int, sides: dict[str, Callable[[], dict[str, Any]]]) -> dict[str, list[Any]]:
+    """``reps`` interleaved rounds of every side; the order rotates so no side always runs first."""
     results: dict[str, list[Any]] = {name: [] for name in sides}
-    for index in range(max(reps, pairs)):
-        names = [name for name in sides if name != "torchrun" or index < reps]
+    names = list(sides)
+    for index in range(reps):
         for name in names[index % len(names):] + names[:index % len(names)]:
             results[name].append(sides[name]())
     return results
 
 
-def run_bench(reps: int = 5, *, scale: float = 1.0, pairs: int = START_PAIRS,
-              paired_pairs: int | None = None) -> dict[str, Any]:
+def run_bench(reps: int = 5, *, scale: float = 1.0, paired_pairs: int | None = None) -> dict[str, Any]:
     """Measure; print the tables; return the numbers."""
     out = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     note_before = load_note()
     try:
-        raw = rounds(reps, pairs, side_commands(out, scale))
+        raw = rounds(reps, side_commands(out, scale))
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    rows, start_rows, results = [], [], {}
+    rows, results = [], {}
     for workload in WORKLOADS:
         rate = {name: [r[workload] for r in runs] for name, runs in raw.items()}
         vs_torchrun = median([d / t for d, t in zip(rate["distrain"], rate["torchrun"])])
-        start_ratios = [d / s for d, s in zip(rate["distrain"], rate["distrain-spawn"])]
-        vs_spawn = median(start_ratios)
-        low, high = median_interval(start_ratios)
-        usage = {name: {key: median([r["usage"][workload][key] for r in runs])
-                        for key in ("minor_faults_per_step", "involuntary_switches_per_step",
-                                    "cpu_ms_per_step")}
-                 for name, runs in raw.items() if name != "torchrun"}
         results[workload] = {"steps_per_s": {k: [round(x, 2) for x in v] for k, v in rate.items()},
-                             "ratio_vs_torchrun": round(vs_torchrun, 3), "ratio_vs_spawn": round(vs_spawn, 3),
-                             "fast_vs_spawn_ratios": [round(r, 3) for r in start_ratios],
-                             "fast_vs_spawn_interval_95": [round(low, 3), round(high, 3)], "usage": usage}
-        rows.append([workload, median(rate["distrain"][:reps]), median(rate["torchrun"]), vs_torchrun,
+                             "ratio_vs_torchrun": round(vs_torchrun, 3)}
+        rows.append([workload, median(rate["distrain"]), median(rate["torchrun"]), vs_torchrun,
                      goal_mark(vs_torchrun, GOAL, at_most=False)])
-        met = vs_spawn >= GOAL and low >= LOW_GOAL
-        start_rows.append([workload, len(start_ratios), median(rate["distrain"]),
-                           median(rate["distrain-spawn"]), vs_spawn, f"{low:.3f} to {high:.3f}",
-                           f"{'met' if met else 'MISSED'} (>= {GOAL:g}, low end >= {LOW_GOAL:g})",
-                           f"{usage['distrain']['minor_faults_per_step']:.1f} / "
-                           f"{usage['distrain-spawn']['minor_faults_per_step']:.1f}",
-                           f"{usage['distrain']['involuntary_switches_per_step']:.2f} / "
-                           f"{usage['distrain-spawn']['involuntary_switches_per_step']:.2f}",
-                           f"{usage['distrain']['cpu_ms_per_step']:.2f} / "
-                           f"{usage['distrain-spawn']['cpu_ms_per_step']:.2f}"])
     note = f"{note_before} before, {load_note()} after"
     print(table(f"Overhead: steps/s, 2 ranks, median of {reps} interleaved repetitions ({note})",
                 ["workload", "distrain", "torchrun loop", "distrain/torchrun", "goal"], rows), flush=True)
-    print(table(f"Fast start vs spawn: steps/s of separate 2-rank launches, interleaved pairs, median "
-                f"of per-pair ratios, distribution-free 95 % interval ({note})",
-                ["workload", "pairs", "forked", "spawned", "forked/spawned", "95 % interval", "goal",
-                 "minor faults/step (forked / spawned)", "involuntary switches/step", "CPU ms/step"],
-                start_rows),
-          flush=True)
     paired = run_paired(pairs=paired_pairs or max(10, round(PAIRS * scale)))
-    return {"reps": reps, "pairs": pairs, "scale": scale, "load": note, "workloads": results,
-            "paired": paired}
+    return {"reps": reps, "scale": scale, "load": note, "workloads": results, "paired": paired}
 
 
 def run_paired(*, pairs: int) -> dict[str, Any]:
@@ -183,15 +143,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=5, help="rounds with the torchrun side (median)")
-    parser.add_argument("--pairs", type=int, default=START_PAIRS, help="fast/spawn launch pairs (median)")
     parser.add_argument("--scale", type=float, default=None, help="fraction of the timed steps")
     parser.add_argument("--quick", action="store_true",
                         help="3 torchrun rounds, half the steps, a 30-pair paired table")
     args = parser.parse_args(argv)
     if args.quick:
-        run_bench(3, scale=args.scale or 0.5, pairs=args.pairs, paired_pairs=30)
+        run_bench(3, scale=args.scale or 0.5, paired_pairs=30)
     else:
-        run_bench(args.reps, scale=args.scale or 1.0, pairs=args.pairs)
+        run_bench(args.reps, scale=args.scale or 1.0)
     return 0
 
 

@@ -1,11 +1,11 @@
 """``make bench``: every benchmark, its table printed, all numbers in bench/results.json.
 
-    python bench/run_all.py                    # the full set, median of 5 (about 25 min idle, 2 cores)
+    python bench/run_all.py                    # the full set, median of 5 (about 50 min idle, 2 cores)
     python bench/run_all.py --quick            # a fast pass: 3 repetitions, 2 and 4 ranks, 3 fault trials
     python bench/run_all.py --only startup,ckpt --reps 7
 
 Sections (each also runs alone, see its file): ``overhead`` (steps/s vs a hand-written loop under
-torchrun, and fast start vs spawn over 15 interleaved launch pairs), ``startup`` (first step and
+torchrun), ``start_methods`` (fast start vs spawn: 15 launch pairs taking turns), ``startup`` (first step and
 first barrier, 2-16 ranks, vs torchrun), ``ray`` (start-up vs Ray Train's TorchTrainer), ``ckpt``
 (async save stall and training time lost vs a blocking save, write throughput vs dd),
 ``ckpt_s3`` (S3 upload throughput vs s3fs, async stall on S3), ``faults`` (kill-anywhere trials,
@@ -31,10 +31,21 @@ from typing import Any
 
 if not __package__:  # run as a script: python bench/run_all.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import ckpt_s3, ckpt_stall, fault_trials, overhead, readme, snapshots, startup, startup_ray
+from bench import (
+    ckpt_s3,
+    ckpt_stall,
+    fault_trials,
+    overhead,
+    readme,
+    snapshots,
+    start_methods,
+    startup,
+    startup_ray,
+)
 from bench.common import REPO, load_note, machine
 
-SECTIONS = ("overhead", "startup", "ray", "ckpt", "ckpt_s3", "faults", "snapshots", "sharded")
+SECTIONS = ("overhead", "start_methods", "startup", "ray", "ckpt", "ckpt_s3", "faults", "snapshots",
+            "sharded")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -44,6 +55,7 @@ class Plan:
     reps: int
     sizes: tuple[int, ...]
     overhead_scale: float
+    start_pairs: int
     fault_trials: int
     sharded_mb: int
     sharded_ranks: tuple[int, ...]
@@ -51,12 +63,13 @@ class Plan:
 
 def plan_for(quick: bool, reps: int | None, fault_trials: int | None) -> Plan:
     if quick:
-        base = Plan(reps=3, sizes=(2, 4), overhead_scale=0.5, fault_trials=3, sharded_mb=64,
+        base = Plan(reps=3, sizes=(2, 4), overhead_scale=0.5, start_pairs=5, fault_trials=3, sharded_mb=64,
                     sharded_ranks=(2,))
     else:
-        base = Plan(reps=5, sizes=startup.SIZES, overhead_scale=1.0, fault_trials=20, sharded_mb=640,
-                    sharded_ranks=(2, 4))
+        base = Plan(reps=5, sizes=startup.SIZES, overhead_scale=1.0, start_pairs=start_methods.PAIRS,
+                    fault_trials=20, sharded_mb=640, sharded_ranks=(2, 4))
     return Plan(reps=reps or base.reps, sizes=base.sizes, overhead_scale=base.overhead_scale,
+                start_pairs=base.start_pairs,
                 fault_trials=base.fault_trials if fault_trials is None else fault_trials,
                 sharded_mb=base.sharded_mb, sharded_ranks=base.sharded_ranks)
 
@@ -73,6 +86,7 @@ def sharded_runner(plan: Plan) -> Callable[[], Any] | None:
 def sections(plan: Plan) -> dict[str, Callable[[], Any]]:
     table: dict[str, Callable[[], Any]] = {
         "overhead": lambda: overhead.run_bench(plan.reps, scale=plan.overhead_scale),
+        "start_methods": lambda: start_methods.run_bench(pairs=plan.start_pairs),
         "startup": lambda: startup.run_bench(plan.reps, sizes=plan.sizes),
         "ray": lambda: startup_ray.run_bench(plan.reps),
         "ckpt": lambda: ckpt_stall.run_bench(plan.reps),
