@@ -6,7 +6,7 @@
 Each launch pair is a fast-start launch (``--start-method forkserver``, the default) and a
 ``--start-method spawn`` launch of the same plain 2-rank DDP loop
 (bench/workers/start_method_turns.py), started at once. After both warm up, they train in turns
-of about 0.25 s (``--turns`` turn pairs per workload, the order flipped every pair) while the other
+of 0.25-0.5 s (``--turns`` turn pairs per workload, the order flipped every pair) while the other
 waits in a blocking read, using no CPU. This VM's speed drifts within seconds, so launches run
 one after the other compare moments as much as start methods (docs/performance.md); turns cancel
 the drift, and fifteen launch pairs keep what differs from process to process (memory layout,
@@ -36,7 +36,7 @@ if not __package__:  # run as a script: python bench/start_methods.py
 from bench.common import WORKERS, bench_env, distrain_cmd, load_note, median, median_interval, table
 
 METHODS = ("forkserver", "spawn")
-CHUNKS = {"digits": 60, "mlp": 8}  # steps per turn: about 0.25 s each here
+CHUNKS = {"digits": 60, "mlp": 8}  # steps per turn: 0.25-0.5 s each on this VM
 RANKS = 2
 GOAL = 0.99
 LOW_GOAL = 0.98
@@ -144,16 +144,17 @@ def run_bench(*, pairs: int = PAIRS, turns: int = TURNS,
         cpu_ms = {m: median([1000 * sum(t[1] for t in p[m][name]) / (CHUNKS[name] * len(p[m][name]))
                              for p in raw]) for m in METHODS}
         met = middle >= GOAL and low >= LOW_GOAL
+        faster = sum(r > 1 for r in ratios)
         results[name] = {"ratios": [round(r, 4) for r in ratios], "median": round(middle, 4),
                          "interval_95": [round(low, 4), round(high, 4)],
                          "cpu_ratios": [round(r, 4) for r in cpu_ratios],
                          "steps_per_s": {m: round(r, 2) for m, r in rates.items()},
                          "cpu_ms_per_step": {m: round(c, 3) for m, c in cpu_ms.items()},
-                         "forked_faster": sum(r > 1 for r in ratios)}
+                         "forked_faster": faster}
         rows.append([name, len(ratios), rates["forkserver"], rates["spawn"], middle,
                      f"{low:.3f} to {high:.3f}",
                      f"{'met' if met else 'MISSED'} (>= {GOAL:g}, low end >= {LOW_GOAL:g})",
-                     f"{sum(r > 1 for r in ratios)}/{len(ratios)}",
+                     f"{faster}/{len(ratios)}",
                      f"{cpu_ms['forkserver']:.2f} / {cpu_ms['spawn']:.2f}", median(cpu_ratios)])
     print(table(f"Fast start vs spawn: steps/s of 2-rank launch pairs taking turns ({turns} turn pairs "
                 f"per workload each), median of per-pair ratios, 95 % interval ({note})",
@@ -178,7 +179,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, default=TURNS, help="turn pairs per workload per launch pair")
     parser.add_argument("--workloads", default=",".join(CHUNKS))
     args = parser.parse_args(argv)
-    run_bench(pairs=args.pairs, turns=args.turns, workloads=args.workloads.split(","))
+    workloads = args.workloads.split(",")
+    unknown = sorted(set(workloads) - set(CHUNKS))
+    if unknown:
+        parser.error(f"--workloads {args.workloads}: unknown {', '.join(unknown)}; expected some of "
+                     f"{', '.join(CHUNKS)}")
+    if args.pairs < 1 or args.turns < 1:
+        parser.error(f"--pairs {args.pairs} --turns {args.turns}: both must be at least 1")
+    run_bench(pairs=args.pairs, turns=args.turns, workloads=workloads)
     return 0
 
 
