@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy
 import pytest
 import torch
 
@@ -91,8 +92,11 @@ def test_direct_io_and_the_page_cache_write_the_same_bytes(tmp_path: Path, where
         pytest.skip("no /dev/shm on this machine")
     directory = tmp_path if where == "tmp_path" else Path("/dev/shm")
     state = staged_state()
-    unaligned = torch.empty(ALIGNMENT * 300 + 1, dtype=torch.uint8)[1:]  # a buffer off the page
-    state["unaligned"] = unaligned.fill_(7)
+    # torch.save writes a view's whole storage, so the storage itself must start off a page:
+    # a numpy buffer one byte past its allocation (numpy aligns allocations to at most 64 bytes).
+    unaligned = torch.from_numpy(numpy.full(ALIGNMENT * 300 + 1, 7, dtype=numpy.uint8)[1:])
+    assert unaligned.untyped_storage().data_ptr() % ALIGNMENT != 0
+    state["unaligned"] = unaligned
     names = [directory / f"distrain-test-{os.getpid()}-{n}.pt" for n in ("direct", "cached")]
     try:
         direct = write(names[0], state, direct=True)
