@@ -2,7 +2,8 @@
 
 The digits example runs with its defaults and must reach 0.95 test accuracy. The plain torchrun
 script (no distrain import) must print the same numbers under ``torchrun``, ``distrain launch``
-and ``distrain launch --launcher ray``.
+and ``distrain launch --launcher ray``. ``make demo`` (examples/demo.py) runs with fewer epochs:
+a worker is SIGKILLed, the group restarts once and resumes from its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -140,3 +141,23 @@ def test_tabular_regression_with_missing_values_learns_on_two_ranks(tmp_path: Pa
     rmse, std = (float(g.replace(",", "")) for g in match.groups())
     assert rmse < 0.6 * std
     assert (tmp_path / "house.csv").read_text().count("NA") > 100  # the table had holes
+
+
+@pytest.mark.timeout(240)
+def test_make_demo_kills_a_worker_and_the_restarted_group_resumes_and_finishes(tmp_path: Path) -> None:
+    # What `make demo` runs, with 6 epochs instead of 8: the kill comes after 2 checkpoints.
+    result = run_cmd([PYTHON, example("demo.py"), "--run-dir", str(tmp_path), "--epochs", "6"], timeout=220)
+    assert_ok(result)
+    output = result.stdout + result.stderr
+    assert "killing worker pid" in output and "finished after a crash and an automatic restart" in output, \
+        output[-3000:]
+    attempts = sorted(p.name for p in (tmp_path / "logs").glob("*/attempt_*"))
+    assert attempts == ["attempt_0", "attempt_1"], attempts  # one restart
+    restarted = next((tmp_path / "logs").glob("*/attempt_1/0/stdout.log")).read_text()
+    # the restarted group resumed from a checkpoint: it never trained epoch 0 again, and finished
+    assert "epoch 0:" not in restarted and "epoch 5: step 138" in restarted, restarted
+    latest = (tmp_path / "ckpt" / "latest").read_text().strip()
+    extra = json.loads((tmp_path / "ckpt" / latest / "extra.json").read_text())["extra"]
+    assert extra["epoch"] == 5 and extra["eval/accuracy"] > 0.9, extra
+    assert f"final test accuracy  {extra['eval/accuracy']:.4f}" in output
+    assert (tmp_path / "report.png").read_bytes().startswith(b"\x89PNG")
