@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,13 @@ def example(name: str) -> str:
     return str(EXAMPLES / name)
 
 
+def newest_extra(ckpt_dir: Path) -> dict[str, Any]:
+    """The ``extra`` a script saved with its newest checkpoint (the one ``latest`` names)."""
+    latest = (ckpt_dir / "latest").read_text().strip()
+    extra: dict[str, Any] = json.loads((ckpt_dir / latest / "extra.json").read_text())["extra"]
+    return extra
+
+
 def launch2(*args: str, timeout: float = 150) -> str:
     """``distrain launch --nproc-per-node 2 ARGS``; returns stdout + stderr after checking rc 0."""
     result = distrain("launch", "--nproc-per-node", "2", *args, timeout=timeout)
@@ -33,8 +41,7 @@ def launch2(*args: str, timeout: float = 150) -> str:
 @pytest.mark.timeout(200)
 def test_digits_with_its_defaults_reaches_095_with_checkpoints_and_logs(tmp_path: Path) -> None:
     output = launch2(example("digits_ddp.py"), "--run-dir", str(tmp_path), timeout=180)
-    latest = (tmp_path / "ckpt" / "latest").read_text().strip()
-    extra = json.loads((tmp_path / "ckpt" / latest / "extra.json").read_text())["extra"]
+    extra = newest_extra(tmp_path / "ckpt")
     assert extra["epoch"] == 7, extra  # the default 8 epochs ran
     assert extra["eval/accuracy"] >= 0.95, f"digits reached only {extra['eval/accuracy']}\n{output[-2000:]}"
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*")), "no TensorBoard event file"
@@ -156,8 +163,7 @@ def test_make_demo_kills_a_worker_and_the_restarted_group_resumes_and_finishes(t
     restarted = next((tmp_path / "logs").glob("*/attempt_1/0/stdout.log")).read_text()
     # the restarted group resumed from a checkpoint: it never trained epoch 0 again, and finished
     assert "epoch 0:" not in restarted and "epoch 5: step 138" in restarted, restarted
-    latest = (tmp_path / "ckpt" / "latest").read_text().strip()
-    extra = json.loads((tmp_path / "ckpt" / latest / "extra.json").read_text())["extra"]
+    extra = newest_extra(tmp_path / "ckpt")
     assert extra["epoch"] == 5 and extra["eval/accuracy"] > 0.9, extra
     assert f"final test accuracy  {extra['eval/accuracy']:.4f}" in output
     assert (tmp_path / "report.png").read_bytes().startswith(b"\x89PNG")
