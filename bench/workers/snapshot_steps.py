@@ -1,12 +1,12 @@
 """Step time with a snapshot after every step vs without, paired in one 2-rank launch.
 
 One DDP loop per workload; it runs in alternating chunks of ``--chunk`` steps, with
-``ckpt.snapshot(step, ...)`` after every step or without (order flipped every pair), so load
-drift on the machine hits both halves of a pair alike. A chunk with snapshots includes waiting
-for its last copy. Rank 0 writes ``{"<workload>": {"pairs": [[with_s, without_s], ...],
-"cpu_pairs": [...], "state_mb": ...}}`` to ``--out``: wall seconds, and rank 0's CPU seconds
-(all its threads), which a machine shared with other jobs distorts less. Workloads: ``digits``
-and ``mlp`` (bench/workers/workloads.py) and ``large``: a 195 MB MLP (:func:`large`).
+``ckpt.snapshot(step, ...)`` after every step (or every ``--snapshot-every``-th) or without (order
+flipped every pair), so load drift on the machine hits both halves of a pair alike. A chunk with
+snapshots includes waiting for its last copy. Rank 0 writes ``{"<workload>": {"pairs": [[with_s,
+without_s], ...], "cpu_pairs": [...], "state_mb": ...}}`` to ``--out``: wall seconds, and rank 0's
+CPU seconds (all its threads), which a machine shared with other jobs distorts less. Workloads:
+``digits`` and ``mlp`` (bench/workers/workloads.py) and ``large``: a 195 MB MLP (:func:`large`).
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ def large() -> Workload:
                     batch_size=8, warmup=3, steps=0)
 
 
-def training(work: Workload, ctx: ddp.Context, ckpt: Checkpointer, snap: list[bool]) -> Iterator[int]:
-    """The loop; takes a snapshot after a step while ``snap[0]`` is True."""
+def training(work: Workload, ctx: ddp.Context, ckpt: Checkpointer, snap: list[int]) -> Iterator[int]:
+    """The loop; ``snap``: [interval (0: no snapshots), steps into the chunk]. Snapshots fall on
+    the chunk's first step and every interval after, so a background copy overlaps the steps
+    after it as in a real run, rather than being waited for by the chunk's end."""
     loader = build_loader(work.dataset, ctx, batch_size=work.batch_size, seed=0, num_workers=0)
     model = ddp.wrap(work.model, ctx)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -61,20 +63,22 @@ def training(work: Workload, ctx: ddp.Context, ckpt: Checkpointer, snap: list[bo
             loss.backward()
             optimizer.step()
             step += 1
-            if snap[0]:
+            if snap[0] and snap[1] % snap[0] == 0:
                 ckpt.snapshot(step, model=model, optimizer=optimizer, loader=loader)
+            snap[1] += 1
             yield step
         epoch += 1
 
 
-def compare(work: Workload, ctx: ddp.Context, root: Path, *, pairs: int, chunk: int) -> dict[str, Any]:
-    ckpt = Checkpointer(root / work.name, ctx, snapshot_every=1)
-    snap = [False]
+def compare(work: Workload, ctx: ddp.Context, root: Path, *, pairs: int, chunk: int,
+            every: int = 1) -> dict[str, Any]:
+    ckpt = Checkpointer(root / work.name, ctx, snapshot_every=1)  # the interval: training()'s
+    snap = [0, 0]
     steps = training(work, ctx, ckpt, snap)
 
     def run(with_snapshots: bool) -> tuple[float, float]:
         """Wall and CPU seconds (this process, all threads) of one chunk."""
-        snap[0] = with_snapshots
+        snap[:] = [every if with_snapshots else 0, 0]
         start, cpu = time.perf_counter(), time.process_time()
         for _ in range(chunk):
             next(steps)
@@ -113,12 +117,16 @@ def main() -> None:
     parser.add_argument("--pairs", default="digits=200,mlp=20,large=20",
                         help="chunk pairs per workload, or one number for all")
     parser.add_argument("--chunk", default="digits=40,mlp=10,large=3", help="steps per chunk")
+    parser.add_argument("--snapshot-every", default="1",
+                        help="snapshot_every of the chunks with snapshots, or one per workload "
+                             "(digits=8,mlp=12): to check an interval")
     args = parser.parse_args()
     names = args.workloads.split(",")
     chunks, pairs = per_workload(args.chunk, names), per_workload(args.pairs, names)
+    every = per_workload(args.snapshot_every, names)
     ctx = ddp.init()
     result = {name: compare(large() if name == "large" else build(name), ctx, Path(args.ckpt),
-                            pairs=pairs[name], chunk=chunks[name])
+                            pairs=pairs[name], chunk=chunks[name], every=every[name])
               for name in names}
     if ctx.is_main:
         Path(args.out).write_text(json.dumps(result))
