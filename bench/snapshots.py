@@ -9,9 +9,10 @@
   so single pairs vary by +-15 %, and whole launches of the same code differ by more than the
   goal's margin (1.06 to 1.19 on one day): digits runs ten times the pairs, split over
   :data:`DIGITS_LAUNCHES` launches (200 pairs each in ``make bench``), and its ratio is the
-  median of the launches' ratios. Goal for digits: <= 1.03. For the 195 MB model the interval
+  median of the launches' ratios. Goal for digits: <= 1.03. For every workload the interval
   that would keep it under 1.03 is derived from the per-step cost (a snapshot every N steps
-  costs 1/N of it).
+  costs about 1/N of it), then measured, and twice it where that misses: snapshots taken after
+  several steps without one cost more each.
 * Recovery: ``bench/workers/recovery_train.py`` (the MLP workload, 2 ranks) kills rank 1 with
   SIGKILL at a random step; the launcher restarts the group. distrain (``--max-restarts 1``, a
   snapshot every step, a durable checkpoint every 20) vs ``torchrun --max-restarts 1`` running the
@@ -60,7 +61,6 @@ PHASES = (("restart", "started"), ("group", "group"), ("build", "built"), ("load
 
 DIGITS_PAIRS = 10  # times the pairs of the other workloads: its chunks are short and noisy
 DIGITS_LAUNCHES = 5  # launches differ by more than a launch's interval: judge their median
-CHUNKS = {"digits": 40, "mlp": 10, "large": 3}  # steps per chunk (snapshot_steps.py's defaults)
 
 
 def step_time(root: Path, *, pairs: int) -> dict[str, Any]:
@@ -90,10 +90,9 @@ def step_time(root: Path, *, pairs: int) -> dict[str, Any]:
 def _launch(root: Path, index: int, workloads: list[str], counts: dict[str, int],
             every: dict[str, int]) -> dict[str, dict[str, Any]]:
     """One launch of snapshot_steps.py: each workload's figures (:func:`_launch_ratio`);
-    ``every``: a snapshot interval per workload (1 if absent), with chunks a multiple of it."""
+    ``every``: a snapshot interval per workload (1 if absent)."""
     out = root / f"steps-{index}.json"
     intervals = {name: every.get(name, 1) for name in workloads}
-    chunks = {name: -(-CHUNKS[name] // n) * n for name, n in intervals.items()}
 
     def spec(values: dict[str, int]) -> str:
         return ",".join(f"{name}={value}" for name, value in values.items())
@@ -101,7 +100,7 @@ def _launch(root: Path, index: int, workloads: list[str], counts: dict[str, int]
     run(distrain_cmd("--nproc-per-node", "2", str(WORKERS / "snapshot_steps.py"), "--out", str(out),
                      "--ckpt", str(root / "steps-ckpt"), "--workloads", ",".join(workloads),
                      "--pairs", spec({name: counts[name] for name in workloads}),
-                     "--chunk", spec(chunks), "--snapshot-every", spec(intervals)),
+                     "--snapshot-every", spec(intervals)),
         timeout=1800, log=root / f"steps-{index}.log").check()
     return {name: _launch_ratio(result) for name, result in json.loads(out.read_text()).items()}
 

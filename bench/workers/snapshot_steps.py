@@ -1,12 +1,13 @@
 """Step time with a snapshot after every step vs without, paired in one 2-rank launch.
 
 One DDP loop per workload; it runs in alternating chunks of ``--chunk`` steps, with
-``ckpt.snapshot(step, ...)`` after every step (or every ``--snapshot-every``-th) or without (order
-flipped every pair), so load drift on the machine hits both halves of a pair alike. A chunk with
-snapshots includes waiting for its last copy. Rank 0 writes ``{"<workload>": {"pairs": [[with_s,
-without_s], ...], "cpu_pairs": [...], "state_mb": ...}}`` to ``--out``: wall seconds, and rank 0's
-CPU seconds (all its threads), which a machine shared with other jobs distorts less. Workloads:
-``digits`` and ``mlp`` (bench/workers/workloads.py) and ``large``: a 195 MB MLP (:func:`large`).
+``ckpt.snapshot(step, ...)`` after every step (or every ``--snapshot-every``-th, chunks rounded up
+to a multiple of it) or without (order flipped every pair), so load drift on the machine hits both
+halves of a pair alike. A chunk with snapshots includes waiting for its last copy. Rank 0 writes
+``{"<workload>": {"pairs": [[with_s, without_s], ...], "cpu_pairs": [...], "state_mb": ...}}`` to
+``--out``: wall seconds, and rank 0's CPU seconds (all its threads), which a machine shared with
+other jobs distorts less. Workloads: ``digits`` and ``mlp`` (bench/workers/workloads.py) and
+``large``: a 195 MB MLP (:func:`large`).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def training(work: Workload, ctx: ddp.Context, ckpt: Checkpointer, snap: list[in
 
 def compare(work: Workload, ctx: ddp.Context, root: Path, *, pairs: int, chunk: int,
             every: int = 1) -> dict[str, Any]:
-    ckpt = Checkpointer(root / work.name, ctx, snapshot_every=1)  # the interval: training()'s
+    ckpt = Checkpointer(root / work.name, ctx, snapshot_every=1)  # training() picks the steps
+    chunk = -(-chunk // every) * every  # a multiple of the interval: as many snapshots in every chunk
     snap = [0, 0]
     steps = training(work, ctx, ckpt, snap)
 
